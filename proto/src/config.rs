@@ -1,0 +1,448 @@
+//! The job file: one TOML document describing a pre-training job.
+//!
+//! Every key has a default (see `docs/job-file.md`, which lists them all); unknown keys are refused with
+//! an error naming the key. [`JobConfig::from_toml`] parses and validates; [`JobConfig::to_toml`] writes
+//! the resolved configuration (every key present), which is what workers receive and what is saved next
+//! to the checkpoints.
+
+use serde::{Deserialize, Serialize};
+
+/// A job-file problem, naming the key (dotted path) that is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML does not parse, or names a key that does not exist.
+    #[error("job file does not parse: {0}")]
+    Parse(String),
+    /// A key holds a value outside its allowed range.
+    #[error("job file key `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    }
+
+    /// The key the error is about (for `Invalid`), or the whole parse message.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Parse(_) => None,
+        }
+    }
+}
+
+/// A complete, validated job description.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobConfig {
+    /// Human-readable name shown in status.
+    pub name: String,
+    /// Seeds the data plan, the augmentations and the initial weights.
+    pub seed: u64,
+    /// Optimizer steps to train.
+    pub steps: u64,
+    /// Samples per step summed over all ranks (G). Independent of the world size.
+    pub global_batch: u64,
+    pub workers: WorkersConfig,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub loss: LossConfig,
+    pub optimizer: OptimizerConfig,
+    pub checkpoint: CheckpointConfig,
+    pub collective: CollectiveConfig,
+    pub rendezvous: RendezvousConfig,
+    pub heartbeat: HeartbeatConfig,
+    pub runtime: RuntimeConfig,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            name: "hcmoco".into(),
+            seed: 0,
+            steps: 50,
+            global_batch: 16,
+            workers: WorkersConfig::default(),
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            loss: LossConfig::default(),
+            optimizer: OptimizerConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            collective: CollectiveConfig::default(),
+            rendezvous: RendezvousConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            runtime: RuntimeConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// The job starts when this many workers have joined.
+    pub min: u32,
+    /// Workers beyond this number are refused.
+    pub max: u32,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig { min: 1, max: 1 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// The datasets the job mixes.
+    pub datasets: Vec<DatasetConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// Path of the dataset's `manifest.json`, as seen by the coordinator and every worker.
+    pub manifest: String,
+    /// Mixing weight (reserved for heterogeneous mixing; the first cut plans every sample once per epoch).
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Normalisation layers of the image encoders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    /// BatchNorm: per-rank batch statistics; running statistics broadcast from rank 0 every step.
+    Batch,
+    /// GroupNorm with `model.groups` groups: no batch statistics (exact distributed equivalence).
+    Group,
+    /// No normalisation.
+    None,
+}
+
+/// Floating-point precision of parameters and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    F64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Encoder architecture. `small`: a CPU-friendly strided convolution stack (the first cut).
+    pub backbone: String,
+    /// Channels of the first stage (stages double it).
+    pub width: u32,
+    /// Output dimension of the global heads and the keypoint encoder.
+    pub embed_dim: u32,
+    pub norm: Norm,
+    /// GroupNorm groups (must divide every stage's channels).
+    pub groups: u32,
+    /// Hidden width of the keypoint encoder.
+    pub keypoint_hidden: u32,
+    pub dtype: Dtype,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            backbone: "small".into(),
+            width: 16,
+            embed_dim: 128,
+            norm: Norm::Batch,
+            groups: 4,
+            keypoint_hidden: 128,
+            dtype: Dtype::F32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    /// Softmax temperature tau of every contrastive term.
+    pub temperature: f64,
+    /// Sample-level variant. `in_batch`: negatives gathered from every rank.
+    pub variant: String,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        LossConfig { temperature: 0.07, variant: "in_batch".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Cosine from `lr` to `lr_min` over the job's epochs, stepped per epoch.
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub lr_min: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig { lr: 0.03, lr_min: 3e-5, momentum: 0.9, weight_decay: 1e-4, schedule: Schedule::Cosine }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory the checkpoints go to (rank 0 writes). Relative paths are resolved against the
+    /// directory of the job file at submission.
+    pub dir: String,
+    /// Write a checkpoint every this many steps (0: only at the end). The last step always writes one.
+    pub every_steps: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { dir: "checkpoints".into(), every_steps: 25 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectiveConfig {
+    /// `cpu`: TCP ring between worker processes.
+    pub backend: String,
+    /// A collective that makes no progress for this long fails, naming the peer.
+    pub timeout_ms: u64,
+}
+
+impl Default for CollectiveConfig {
+    fn default() -> Self {
+        CollectiveConfig { backend: "cpu".into(), timeout_ms: 30_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RendezvousConfig {
+    /// Once `workers.min` have joined, wait this long for more (up to `workers.max`) before sealing.
+    pub settle_ms: u64,
+}
+
+impl Default for RendezvousConfig {
+    fn default() -> Self {
+        RendezvousConfig { settle_ms: 300 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    pub interval_ms: u64,
+    /// A worker silent for this long is lost.
+    pub timeout_ms: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig { interval_ms: 1_000, timeout_ms: 15_000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// libtorch intra-op threads per worker process.
+    pub torch_threads: u32,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig { torch_threads: 1 }
+    }
+}
+
+impl JobConfig {
+    /// Parses and validates a job file.
+    pub fn from_toml(text: &str) -> Result<JobConfig, ConfigError> {
+        let cfg: JobConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The resolved configuration, every key present.
+    pub fn to_toml(&self) -> String {
+        // Serialising plain structs of strings and numbers cannot fail.
+        toml::to_string(self).unwrap_or_else(|e| format!("# unserialisable config: {e}\n"))
+    }
+
+    /// Checks every value against its allowed range; the error names the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(ConfigError::invalid("name", "must not be empty"));
+        }
+        if self.steps == 0 {
+            return Err(ConfigError::invalid("steps", "must be at least 1"));
+        }
+        if self.global_batch == 0 {
+            return Err(ConfigError::invalid("global_batch", "must be at least 1"));
+        }
+        if self.workers.min == 0 {
+            return Err(ConfigError::invalid("workers.min", "must be at least 1"));
+        }
+        if self.workers.max < self.workers.min {
+            return Err(ConfigError::invalid("workers.max", format!("must be >= workers.min ({})", self.workers.min)));
+        }
+        if self.data.datasets.is_empty() {
+            return Err(ConfigError::invalid("data.datasets", "list at least one dataset ([[data.datasets]] manifest = \"...\")"));
+        }
+        for (i, d) in self.data.datasets.iter().enumerate() {
+            if d.manifest.trim().is_empty() {
+                return Err(ConfigError::invalid(format!("data.datasets[{i}].manifest"), "must not be empty"));
+            }
+            if !(d.weight.is_finite() && d.weight > 0.0) {
+                return Err(ConfigError::invalid(format!("data.datasets[{i}].weight"), "must be a positive number"));
+            }
+        }
+        let m = &self.model;
+        if m.backbone != "small" {
+            return Err(ConfigError::invalid("model.backbone", format!("unknown backbone {:?} (known: \"small\")", m.backbone)));
+        }
+        if m.width == 0 || m.embed_dim == 0 || m.keypoint_hidden == 0 {
+            let key = if m.width == 0 { "model.width" } else if m.embed_dim == 0 { "model.embed_dim" } else { "model.keypoint_hidden" };
+            return Err(ConfigError::invalid(key, "must be at least 1"));
+        }
+        if m.norm == Norm::Group {
+            if m.groups == 0 {
+                return Err(ConfigError::invalid("model.groups", "must be at least 1"));
+            }
+            if m.width % m.groups != 0 {
+                return Err(ConfigError::invalid("model.groups", format!("must divide model.width ({})", m.width)));
+            }
+        }
+        if !(self.loss.temperature.is_finite() && self.loss.temperature > 0.0) {
+            return Err(ConfigError::invalid("loss.temperature", "must be a positive number"));
+        }
+        if self.loss.variant != "in_batch" {
+            return Err(ConfigError::invalid("loss.variant", format!("unknown variant {:?} (known: \"in_batch\")", self.loss.variant)));
+        }
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(ConfigError::invalid("optimizer.lr", "must be a positive number"));
+        }
+        if !(o.lr_min.is_finite() && o.lr_min >= 0.0 && o.lr_min <= o.lr) {
+            return Err(ConfigError::invalid("optimizer.lr_min", "must be between 0 and optimizer.lr"));
+        }
+        if !(o.momentum.is_finite() && (0.0..1.0).contains(&o.momentum)) {
+            return Err(ConfigError::invalid("optimizer.momentum", "must be in [0, 1)"));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(ConfigError::invalid("optimizer.weight_decay", "must be >= 0"));
+        }
+        if self.checkpoint.dir.trim().is_empty() {
+            return Err(ConfigError::invalid("checkpoint.dir", "must not be empty"));
+        }
+        if self.collective.backend != "cpu" {
+            return Err(ConfigError::invalid("collective.backend", format!("unknown backend {:?} (known: \"cpu\")", self.collective.backend)));
+        }
+        if self.collective.timeout_ms == 0 {
+            return Err(ConfigError::invalid("collective.timeout_ms", "must be at least 1"));
+        }
+        if self.heartbeat.interval_ms == 0 {
+            return Err(ConfigError::invalid("heartbeat.interval_ms", "must be at least 1"));
+        }
+        if self.heartbeat.timeout_ms <= self.heartbeat.interval_ms {
+            return Err(ConfigError::invalid("heartbeat.timeout_ms", "must be larger than heartbeat.interval_ms"));
+        }
+        if self.runtime.torch_threads == 0 {
+            return Err(ConfigError::invalid("runtime.torch_threads", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The learning rate of `epoch` out of `epochs` (the schedule steps once per epoch).
+    pub fn learning_rate(&self, epoch: u64, epochs: u64) -> f64 {
+        let o = &self.optimizer;
+        match o.schedule {
+            Schedule::Constant => o.lr,
+            Schedule::Cosine => {
+                let t = if epochs <= 1 { 0.0 } else { epoch as f64 / epochs as f64 };
+                o.lr_min + 0.5 * (o.lr - o.lr_min) * (1.0 + (std::f64::consts::PI * t).cos())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[[data.datasets]]\nmanifest = \"/d/manifest.json\"\n";
+
+    #[test]
+    fn minimal_file_gets_every_default_and_round_trips() {
+        let cfg = JobConfig::from_toml(MINIMAL).expect("minimal job file");
+        assert_eq!(cfg.steps, 50);
+        assert_eq!(cfg.model.norm, Norm::Batch);
+        assert_eq!(cfg.data.datasets[0].weight, 1.0);
+        let again = JobConfig::from_toml(&cfg.to_toml()).expect("resolved file parses");
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        for (text, key) in [
+            (format!("stepz = 3\n{MINIMAL}"), "stepz"),
+            (format!("{MINIMAL}[model]\nwidht = 3\n"), "widht"),
+            (format!("{MINIMAL}[optimiser]\nlr = 1.0\n"), "optimiser"),
+        ] {
+            let err = JobConfig::from_toml(&text).expect_err("unknown key must be refused");
+            assert!(err.to_string().contains(key), "error {err} should name {key}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        for (extra, key) in [
+            ("steps = 0\n", "steps"),
+            ("global_batch = 0\n", "global_batch"),
+            ("[workers]\nmin = 3\nmax = 2\n", "workers.max"),
+            ("[model]\nnorm = \"group\"\nwidth = 6\ngroups = 4\n", "model.groups"),
+            ("[optimizer]\nmomentum = 1.5\n", "optimizer.momentum"),
+            ("[loss]\ntemperature = -1.0\n", "loss.temperature"),
+            ("[collective]\nbackend = \"mpi\"\n", "collective.backend"),
+        ] {
+            let err = JobConfig::from_toml(&format!("{extra}{MINIMAL}")).expect_err(extra);
+            assert_eq!(err.key(), Some(key), "{err}");
+        }
+        let err = JobConfig::from_toml("steps = 3\n").expect_err("no dataset");
+        assert_eq!(err.key(), Some("data.datasets"));
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let err = JobConfig::from_toml(&format!("steps = \"many\"\n{MINIMAL}")).expect_err("string steps");
+        assert!(err.to_string().contains("steps"), "{err}");
+    }
+
+    #[test]
+    fn cosine_schedule_runs_from_lr_to_near_lr_min() {
+        let cfg = JobConfig::default();
+        assert_eq!(cfg.learning_rate(0, 10), cfg.optimizer.lr);
+        let last = cfg.learning_rate(9, 10);
+        assert!(last < cfg.optimizer.lr * 0.05 && last > cfg.optimizer.lr_min);
+        assert_eq!(cfg.learning_rate(0, 1), cfg.optimizer.lr);
+    }
+}
