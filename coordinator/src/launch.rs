@@ -1,0 +1,279 @@
+//! `hcmoco launch --local`: one command for a whole run on this machine.
+//!
+//! Starts an in-process coordinator on loopback, generates a small synthetic dataset under the output
+//! directory unless one is given, submits the job, spawns N `hcmoco-worker run` processes (logs under
+//! `OUT/logs/`), shows live progress, and prints a final summary. A worker process that dies fails the
+//! run at once (its log tail is shown); Ctrl-C cancels the job and stops the workers.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hcmoco_proto::config::DatasetConfig;
+use hcmoco_proto::domain::JobId;
+use hcmoco_proto::{JobConfig, pb};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::resolve_paths;
+use crate::job::wire_state_name;
+use crate::state::Coordinator;
+use crate::status;
+
+/// What `launch` needs to know.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub workers: u32,
+    pub steps: Option<u64>,
+    pub out: PathBuf,
+    /// An existing dataset manifest; a synthetic one is generated under `out/data` when absent.
+    pub data: Option<PathBuf>,
+    /// A job file to start from instead of the embedded default.
+    pub job_file: Option<PathBuf>,
+    pub worker_bin: Option<PathBuf>,
+    /// Samples of the generated dataset.
+    pub synth_samples: u64,
+    pub synth_image_size: u32,
+    /// Extra arguments for every worker process.
+    pub worker_args: Vec<String>,
+}
+
+/// Result of a finished launch.
+#[derive(Debug)]
+pub struct LaunchOutcome {
+    pub job_id: String,
+    pub status: pb::JobStatus,
+    pub first_loss: Option<f64>,
+}
+
+/// Finds the `hcmoco-worker` binary: the explicit path, then `HCMOCO_WORKER_BIN`, then next to this
+/// executable (and one directory up, for test binaries under `deps/`).
+pub fn find_worker_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return if p.is_file() { Ok(p.to_path_buf()) } else { bail!("worker binary {} does not exist", p.display()) };
+    }
+    if let Some(p) = std::env::var_os("HCMOCO_WORKER_BIN") {
+        let p = PathBuf::from(p);
+        return if p.is_file() { Ok(p) } else { bail!("HCMOCO_WORKER_BIN={} does not exist", p.display()) };
+    }
+    let exe = std::env::current_exe().context("cannot locate the running executable")?;
+    let mut tried = Vec::new();
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("hcmoco-worker");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        tried.push(candidate.display().to_string());
+    }
+    bail!("cannot find the hcmoco-worker binary (tried {}); build it with `cargo build --workspace --bins` or pass --worker-bin", tried.join(", "))
+}
+
+/// Builds the job config of a local launch.
+pub fn local_config(opts: &LaunchOptions, manifest: &Path) -> anyhow::Result<JobConfig> {
+    let mut cfg = match &opts.job_file {
+        Some(path) => crate::client::load_job_file(path)?,
+        None => JobConfig::from_toml(&format!(
+            "{}\n[[data.datasets]]\nmanifest = {:?}\n",
+            crate::DEFAULT_JOB_TOML,
+            manifest.display().to_string()
+        ))
+        .context("embedded default job file")?,
+    };
+    if opts.job_file.is_none() || cfg.data.datasets.is_empty() {
+        cfg.data.datasets = vec![DatasetConfig { manifest: manifest.display().to_string(), weight: 1.0 }];
+    }
+    cfg.workers.min = opts.workers;
+    cfg.workers.max = opts.workers;
+    if let Some(steps) = opts.steps {
+        cfg.steps = steps;
+    }
+    if opts.job_file.is_none() {
+        cfg.checkpoint.dir = opts.out.join("checkpoints").display().to_string();
+    }
+    resolve_paths(&mut cfg, &opts.out);
+    cfg.validate().context("launch configuration")?;
+    Ok(cfg)
+}
+
+struct WorkerProc {
+    index: u32,
+    child: Child,
+    log: PathBuf,
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn progress_message(s: &pb::JobStatus) -> String {
+    match &s.latest {
+        Some(m) => format!(
+            "loss {:.4}  {:.1} samples/s  step {:.0} ms (data {:.0} / compute {:.0} / comm {:.0})  gen {}  world {}",
+            m.loss_total, m.samples_per_sec, m.step_ms, m.data_ms, m.compute_ms, m.comm_ms, s.generation, s.world_size
+        ),
+        None => format!("{}: {} of {} workers joined", wire_state_name(s.state), s.workers.len(), s.min_workers),
+    }
+}
+
+/// Runs a local job to its end.
+pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> anyhow::Result<LaunchOutcome> {
+    if opts.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let out = std::path::absolute(&opts.out).with_context(|| format!("output directory {}", opts.out.display()))?;
+    let opts = LaunchOptions { out: out.clone(), ..opts };
+    std::fs::create_dir_all(out.join("logs")).with_context(|| format!("cannot create {}", out.join("logs").display()))?;
+    let worker_bin = find_worker_bin(opts.worker_bin.as_deref())?;
+
+    let manifest = match &opts.data {
+        Some(m) => std::path::absolute(m)?,
+        None => {
+            let dir = out.join("data");
+            let manifest = dir.join("manifest.json");
+            if manifest.is_file() {
+                eprintln!("using the synthetic dataset already at {}", dir.display());
+            } else {
+                let cfg = hcmoco_data::SynthConfig {
+                    samples: opts.synth_samples,
+                    image_size: opts.synth_image_size,
+                    name: "synthetic-humans".into(),
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                eprintln!("generating {} synthetic samples ({}x{}) under {}", cfg.samples, cfg.image_size, cfg.image_size, dir.display());
+                let m = tokio::task::spawn_blocking(move || hcmoco_data::generate(&cfg, &dir)).await??;
+                let with_depth: u64 = m.shards.iter().map(|s| s.with_depth).sum();
+                eprintln!("  {} samples ({} with depth) in {:.1}s", m.samples, with_depth, t.elapsed().as_secs_f64());
+            }
+            manifest
+        }
+    };
+    let cfg = local_config(&opts, &manifest)?;
+    std::fs::write(out.join("job.toml"), cfg.to_toml()).with_context(|| format!("cannot write {}", out.join("job.toml").display()))?;
+
+    let coordinator = Coordinator::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind the coordinator on loopback")?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(crate::server::run(listener, coordinator.clone(), shutdown.clone()));
+    let job_id = coordinator.submit(cfg.clone())?;
+    let mut changed = coordinator.subscribe(&job_id)?;
+    eprintln!("coordinator on {addr}, job {job_id}: {} steps, {} workers, global batch {}", cfg.steps, opts.workers, cfg.global_batch);
+
+    let mut procs = Vec::new();
+    for index in 0..opts.workers {
+        let log = out.join("logs").join(format!("worker-{index}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = Command::new(&worker_bin)
+            .arg("run")
+            .arg("--coordinator")
+            .arg(format!("http://{addr}"))
+            .arg("--job")
+            .arg(&job_id.0)
+            .args(&opts.worker_args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {}", worker_bin.display()))?;
+        procs.push(WorkerProc { index, child, log });
+    }
+
+    let result = supervise(&coordinator, &job_id, &mut procs, &mut changed, &interrupt, cfg.steps).await;
+    // Whatever happened, no worker outlives the launcher.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for p in &mut procs {
+        loop {
+            match p.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline && result.is_ok() => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    break;
+                }
+            }
+        }
+    }
+    shutdown.cancel();
+    let _ = server.await;
+    let (status, first_loss) = result?;
+    Ok(LaunchOutcome { job_id: job_id.0, status, first_loss })
+}
+
+async fn supervise(
+    coordinator: &Coordinator,
+    job_id: &JobId,
+    procs: &mut [WorkerProc],
+    changed: &mut tokio::sync::watch::Receiver<u64>,
+    interrupt: &CancellationToken,
+    steps: u64,
+) -> anyhow::Result<(pb::JobStatus, Option<f64>)> {
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty { ProgressBar::new(steps) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut first_loss = None;
+    let mut last_printed = u64::MAX;
+    loop {
+        let s = coordinator.status(job_id)?;
+        if first_loss.is_none() {
+            first_loss = s.latest.as_ref().map(|m| m.loss_total);
+        }
+        bar.set_position(s.committed_steps);
+        bar.set_message(progress_message(&s));
+        if !tty && s.committed_steps != last_printed && (s.committed_steps % 10 == 0 || s.committed_steps == steps) {
+            last_printed = s.committed_steps;
+            eprintln!("step {}/{}  {}", s.committed_steps, steps, progress_message(&s));
+        }
+        match pb::JobState::try_from(s.state) {
+            Ok(pb::JobState::Completed) => {
+                bar.finish_and_clear();
+                return Ok((s, first_loss));
+            }
+            Ok(pb::JobState::Failed | pb::JobState::Cancelled) => {
+                bar.finish_and_clear();
+                let logs: Vec<String> = procs.iter().map(|p| format!("--- {} ---\n{}", p.log.display(), tail(&p.log, 8))).collect();
+                bail!("job {job_id} {}: {}\n{}", wire_state_name(s.state), s.message, logs.join("\n"));
+            }
+            _ => {}
+        }
+        for p in procs.iter_mut() {
+            if let Some(code) = p.child.try_wait()? {
+                if !code.success() {
+                    let reason = format!("worker process {} (pid {}) exited with {code}", p.index, p.child.id());
+                    let _ = coordinator.cancel(job_id, &reason);
+                    bar.finish_and_clear();
+                    bail!("{reason}; last lines of {}:\n{}", p.log.display(), tail(&p.log, 15));
+                }
+            }
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = interrupt.cancelled() => {
+                let _ = coordinator.cancel(job_id, "interrupted (Ctrl-C) at the launcher");
+                bar.finish_and_clear();
+                bail!("interrupted: job {job_id} cancelled");
+            }
+        }
+    }
+}
+
+/// The final summary printed by `hcmoco launch`.
+pub fn summary(outcome: &LaunchOutcome, elapsed: Duration) -> String {
+    let s = &outcome.status;
+    let mut out = format!("run complete: job {} trained {} steps in {:.1}s\n", s.job_id, s.committed_steps, elapsed.as_secs_f64());
+    if let (Some(first), Some(last)) = (outcome.first_loss, s.latest.as_ref().map(|m| m.loss_total)) {
+        out.push_str(&format!("loss {first:.4} (first step) -> {last:.4} (last step)\n"));
+    }
+    out.push_str(&status::render(s));
+    out
+}

@@ -1,0 +1,162 @@
+//! `hcmoco`: the coordinator and the user's command line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hcmoco_coordinator::client::{self, DEFAULT_ADDR};
+use hcmoco_coordinator::launch::{self, LaunchOptions};
+use hcmoco_coordinator::{Coordinator, server, status};
+use hcmoco_proto::pb;
+use hcmoco_proto::pb::job_service_client::JobServiceClient;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "hcmoco", version, about = "Distributed multi-modal contrastive pre-training (HCMoCo): coordinator and CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a coordinator.
+    Serve {
+        /// Address to listen on. Loopback by default: pass an explicit address to serve a cluster.
+        #[arg(long, env = "HCMOCO_LISTEN", default_value = DEFAULT_ADDR)]
+        listen: String,
+    },
+    /// Submit a job file (TOML) and print the job id.
+    Submit {
+        job_file: PathBuf,
+        #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
+        coordinator: String,
+    },
+    /// Show jobs, or one job in detail.
+    Status {
+        #[arg(long)]
+        job: Option<String>,
+        /// Keep printing the job's status on every change until it ends.
+        #[arg(long, requires = "job")]
+        watch: bool,
+        #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
+        coordinator: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        job: String,
+        #[arg(long, default_value = "cancelled from the command line")]
+        reason: String,
+        #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
+        coordinator: String,
+    },
+    /// Run a whole job on this machine: in-process coordinator plus N worker processes.
+    Launch {
+        /// Required: the only mode so far (cluster runs use `serve` and Kubernetes).
+        #[arg(long, required = true)]
+        local: bool,
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Steps to train (default: the job file's `steps`).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Output directory: data (if generated), logs, checkpoints, the resolved job file.
+        #[arg(long)]
+        out: PathBuf,
+        /// A dataset manifest to train on instead of generated synthetic humans.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Start from this job file instead of the embedded default.
+        #[arg(long)]
+        job_file: Option<PathBuf>,
+        #[arg(long, env = "HCMOCO_WORKER_BIN")]
+        worker_bin: Option<PathBuf>,
+        /// Samples of the generated synthetic dataset.
+        #[arg(long, default_value_t = 256)]
+        synth_samples: u64,
+        #[arg(long, default_value_t = 64)]
+        synth_image_size: u32,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() {
+    init_tracing();
+    if let Err(e) = real_main(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Serve { listen } => {
+            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!("hcmoco coordinator listening on {}", listener.local_addr()?);
+            let shutdown = CancellationToken::new();
+            let on_signal = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            server::run(listener, Coordinator::new(), shutdown).await
+        }
+        Cmd::Submit { job_file, coordinator } => {
+            let cfg = client::load_job_file(&job_file)?;
+            let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
+            let resp = c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml() }).await.context("submit refused")?;
+            println!("{}", resp.into_inner().job_id);
+            Ok(())
+        }
+        Cmd::Status { job, watch, coordinator } => {
+            let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
+            match job {
+                None => {
+                    let jobs = c.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs;
+                    if jobs.is_empty() {
+                        println!("no jobs");
+                    }
+                    for j in &jobs {
+                        println!("{}", status::render_line(j));
+                    }
+                }
+                Some(job_id) if watch => {
+                    let mut stream = c.watch_job(pb::WatchJobRequest { job_id }).await?.into_inner();
+                    while let Some(s) = stream.message().await? {
+                        println!("{}", status::render(&s));
+                    }
+                }
+                Some(job_id) => {
+                    let s = c.get_job(pb::GetJobRequest { job_id }).await?.into_inner();
+                    print!("{}", status::render(&s));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Cancel { job, reason, coordinator } => {
+            let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
+            let r = c.cancel_job(pb::CancelJobRequest { job_id: job.clone(), reason }).await?.into_inner();
+            println!("{job}: {}", hcmoco_coordinator::job::wire_state_name(r.state));
+            Ok(())
+        }
+        Cmd::Launch { local: _, workers, steps, out, data, job_file, worker_bin, synth_samples, synth_image_size } => {
+            let interrupt = CancellationToken::new();
+            let on_signal = interrupt.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            let started = Instant::now();
+            let opts = LaunchOptions { workers, steps, out, data, job_file, worker_bin, synth_samples, synth_image_size, worker_args: Vec::new() };
+            let outcome = launch::launch_local(opts, interrupt).await?;
+            print!("{}", launch::summary(&outcome, started.elapsed()));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Serving: the caller binds the listener and passes a shutdown token (tests bind `127.0.0.1:0`).
+
+use std::time::Duration;
+
+use hcmoco_proto::pb::job_service_server::JobServiceServer;
+use hcmoco_proto::pb::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{JobApi, WorkerApi};
+use crate::state::Coordinator;
+
+/// How often heartbeat leases are checked.
+pub const REAP_EVERY: Duration = Duration::from_millis(250);
+
+/// Serves JobService, WorkerService, gRPC health and reflection on `listener` until `shutdown`.
+pub async fn run(listener: TcpListener, coordinator: Coordinator, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<JobApi>>().await;
+    health.set_serving::<WorkerServiceServer<WorkerApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hcmoco_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let reaper = {
+        let coordinator = coordinator.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REAP_EVERY);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => coordinator.reap(tokio::time::Instant::now()),
+                }
+            }
+        })
+    };
+
+    tracing::info!(%addr, "coordinator serving");
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(JobServiceServer::new(JobApi { coordinator: coordinator.clone() }))
+        .add_service(WorkerServiceServer::new(WorkerApi::new(coordinator)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned())
+        .await;
+    shutdown.cancel();
+    let _ = reaper.await;
+    tracing::info!(%addr, "coordinator stopped");
+    Ok(result?)
+}

@@ -1,0 +1,29 @@
+//! hcmoco-data: the dataset format, manifests, and the synthetic human generator. No libtorch here:
+//! this crate is shared by the coordinator (plans over manifests) and the workers (sample loading).
+//!
+//! # Layout
+//! - [`layout`]: keypoint layouts (MPII-16, COCO-13: joints, parents, root, hips) and
+//!   [`normalize_keypoints`], the keypoint-encoder input rule of the method page.
+//! - [`sample`]: the in-memory [`Sample`] (RGB, optional depth, joints) and its image types.
+//! - [`shard`]: WebDataset-compatible tar shards: [`ShardWriter`] (deterministic bytes, SHA-256 while
+//!   writing) and [`ShardReader`] (header-only index at open, seek + decode one sample per read).
+//! - `codec` (private): member encodings: RGB / 16-bit depth PNG, `kp2d.json`, `meta.json`.
+//! - [`manifest`]: [`Manifest`] (`manifest.json`, format `hcmoco-shards/1`, validated, saved
+//!   atomically) and [`Dataset`] (global index over the shards, lazy shard open, `verify`).
+//! - [`synth`]: the deterministic procedural generator ([`SynthConfig`], [`generate`]).
+//! - [`error`]: [`DataError`]; every variant names the file, the sample key and the field at fault.
+
+mod codec;
+pub mod error;
+pub mod layout;
+pub mod manifest;
+pub mod sample;
+pub mod shard;
+pub mod synth;
+
+pub use error::DataError;
+pub use layout::*;
+pub use manifest::{Dataset, Manifest, ShardEntry};
+pub use sample::*;
+pub use shard::{ShardReader, ShardSummary, ShardWriter};
+pub use synth::{SynthConfig, generate};

@@ -1,0 +1,142 @@
+//! Checkpoints: `DIR/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, meta.json, job.toml}`.
+//!
+//! A checkpoint is written into a hidden temporary directory next to its final place and renamed
+//! into place only when complete, then `DIR/latest` is replaced (temp file + rename) to name it. A
+//! crash at any moment leaves either the previous checkpoint or the new one, never a torn one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// `meta.json`: where training stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointMeta {
+    pub format: String,
+    pub job_id: String,
+    /// Steps completed (the next step to train).
+    pub step: u64,
+    pub epoch: u64,
+    /// Data-plan position: the epoch slot where the next step's global batch starts.
+    pub next_slot_in_epoch: u64,
+    pub generation: u64,
+    pub world_size: u32,
+    pub loss_total: f64,
+    pub created_unix_ms: u64,
+}
+
+pub const FORMAT: &str = "hcmoco-checkpoint/1";
+
+fn fsync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+    Ok(())
+}
+
+fn sync_file(path: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
+}
+
+/// Writes a complete checkpoint atomically and returns its directory.
+pub fn write(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    model: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    job_toml: &str,
+) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let name = format!("step-{:08}", meta.step);
+    let final_dir = dir.join(&name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    // The temp names end in .safetensors: libtorch picks the format from the extension.
+    let model_path = tmp.join("model.safetensors");
+    Tensor::write_safetensors(model, &model_path).with_context(|| format!("cannot write {}", model_path.display()))?;
+    sync_file(&model_path)?;
+    let opt_path = tmp.join("optimizer.safetensors");
+    Tensor::write_safetensors(optimizer, &opt_path).with_context(|| format!("cannot write {}", opt_path.display()))?;
+    sync_file(&opt_path)?;
+    write_file(&tmp.join("meta.json"), serde_json::to_string_pretty(meta)?.as_bytes())?;
+    write_file(&tmp.join("job.toml"), job_toml.as_bytes())?;
+    fsync_dir(&tmp);
+    if final_dir.exists() {
+        // A re-run of the same step replaces the old copy.
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
+    let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
+    write_file(&latest_tmp, format!("{name}\n").as_bytes())?;
+    std::fs::rename(&latest_tmp, dir.join("latest")).context("cannot update the latest pointer")?;
+    fsync_dir(dir);
+    Ok(final_dir)
+}
+
+/// Reads a checkpoint directory: metadata, model tensors, optimizer tensors.
+pub fn read(dir: &Path) -> anyhow::Result<(CheckpointMeta, Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+    let meta_path = dir.join("meta.json");
+    let text = std::fs::read_to_string(&meta_path).with_context(|| format!("cannot read {}", meta_path.display()))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).with_context(|| format!("bad {}", meta_path.display()))?;
+    if meta.format != FORMAT {
+        anyhow::bail!("{}: format {:?}, expected {FORMAT:?}", meta_path.display(), meta.format);
+    }
+    let model = Tensor::read_safetensors(dir.join("model.safetensors")).with_context(|| format!("bad model weights in {}", dir.display()))?;
+    let opt = Tensor::read_safetensors(dir.join("optimizer.safetensors")).with_context(|| format!("bad optimizer state in {}", dir.display()))?;
+    Ok((meta, model, opt))
+}
+
+/// The directory `DIR/latest` names, if any.
+pub fn latest(dir: &Path) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(dir.join("latest")).ok()?;
+    let p = dir.join(name.trim());
+    p.is_dir().then_some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_then_read_round_trips_and_updates_latest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let meta = CheckpointMeta {
+            format: FORMAT.into(),
+            job_id: "job-1".into(),
+            step: 3,
+            epoch: 0,
+            next_slot_in_epoch: 12,
+            generation: 1,
+            world_size: 2,
+            loss_total: 1.5,
+            created_unix_ms: 0,
+        };
+        let model = vec![("rgb.head.weight".to_string(), Tensor::from_slice(&[1.0f32, 2.0]))];
+        let opt = vec![("momentum.rgb.head.weight".to_string(), Tensor::from_slice(&[0.5f32, 0.25]))];
+        let p = write(dir.path(), &meta, &model, &opt, "steps = 3\n").expect("write");
+        assert_eq!(latest(dir.path()), Some(p.clone()));
+        let (m, w, o) = read(&p).expect("read");
+        assert_eq!(m, meta);
+        assert!(w[0].1.equal(&model[0].1) && o[0].1.equal(&opt[0].1));
+        // No temporary leftovers.
+        let names: Vec<String> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().into()).collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
+        // A second checkpoint moves the pointer.
+        let meta2 = CheckpointMeta { step: 6, ..meta };
+        let p2 = write(dir.path(), &meta2, &model, &opt, "").expect("write");
+        assert_eq!(latest(dir.path()), Some(p2));
+        assert!(p.is_dir(), "older checkpoints are kept");
+    }
+}

@@ -1,0 +1,94 @@
+//! `CommError`: every failure of a collective names the operation and, where one is involved, the peer.
+
+use std::io;
+
+/// Why a collective (or the ring set-up) failed.
+///
+/// After any error that happened while talking to peers (`Peer`, `Protocol`, `Handshake`) the ring is
+/// unusable: its sockets are shut down and later calls return `Poisoned`. The caller's way out is a new
+/// rendezvous generation. `Mismatch`, `Unsupported` and `InvalidArgument` are detected before or after
+/// the exchange and leave the ring usable.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// Socket failure with a neighbour: timeout (no progress within the ring's timeout), reset, closed.
+    #[error("{op}: peer rank {peer_rank} ({peer_addr}): {}", describe_io(.source))]
+    Peer {
+        op: &'static str,
+        peer_rank: usize,
+        peer_addr: String,
+        source: io::Error,
+    },
+    /// A neighbour sent something other than what this rank expected (collectives called in a different
+    /// order, buffers of different lengths, different element types, a corrupt stream).
+    #[error("{op}: protocol error with peer rank {peer_rank}: {detail}")]
+    Protocol {
+        op: &'static str,
+        peer_rank: usize,
+        detail: String,
+    },
+    /// The ring could not be formed: a neighbour missing, or it spoke another generation, world size or
+    /// protocol version.
+    #[error("connect: handshake of rank {rank} with {peer} failed: {detail}")]
+    Handshake {
+        rank: usize,
+        peer: String,
+        detail: String,
+    },
+    /// Ranks passed tensors that do not agree (shape or kind); `rank` is the rank whose tensor differs.
+    #[error("{op}: tensor of rank {rank} does not match: {detail}")]
+    Mismatch {
+        op: &'static str,
+        rank: usize,
+        detail: String,
+    },
+    /// The communicator cannot handle this input (a CUDA tensor, an unsupported kind).
+    #[error("{op}: unsupported: {detail}")]
+    Unsupported { op: &'static str, detail: String },
+    /// A bad argument from the caller (rank out of range, zero timeout, root out of range).
+    #[error("{op}: invalid argument: {detail}")]
+    InvalidArgument { op: &'static str, detail: String },
+    /// A local socket operation failed (not attributable to a peer).
+    #[error("{op}: local socket error")]
+    Local { op: &'static str, source: io::Error },
+    /// libtorch refused a tensor operation while copying data in or out.
+    #[error("{op}: tensor operation failed")]
+    Tensor {
+        op: &'static str,
+        source: tch::TchError,
+    },
+    /// An earlier collective failed; the ring is out of sync and its sockets are closed.
+    #[error("{op}: communicator unusable after an earlier failure ({cause})")]
+    Poisoned { op: &'static str, cause: String },
+}
+
+impl CommError {
+    /// The peer rank the error is attributed to, if any.
+    pub fn peer_rank(&self) -> Option<usize> {
+        match self {
+            CommError::Peer { peer_rank, .. } | CommError::Protocol { peer_rank, .. } => {
+                Some(*peer_rank)
+            }
+            CommError::Mismatch { rank, .. } => Some(*rank),
+            _ => None,
+        }
+    }
+
+    /// True for a read or write that made no progress within the ring's timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, CommError::Peer { source, .. }
+            if matches!(source.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock))
+    }
+}
+
+/// Short, lowercase reason for the top-level message; the full `io::Error` stays the error's source.
+fn describe_io(e: &io::Error) -> &'static str {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::WouldBlock => "timed out",
+        K::UnexpectedEof | K::BrokenPipe => "connection closed",
+        K::ConnectionReset | K::ConnectionAborted => "connection reset",
+        K::ConnectionRefused => "connection refused",
+        K::Interrupted => "interrupted",
+        _ => "i/o error",
+    }
+}

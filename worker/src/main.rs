@@ -1,0 +1,101 @@
+//! `hcmoco-worker`: a training worker, plus data tools.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hcmoco_worker::run::{RunOptions, run};
+
+#[derive(Parser)]
+#[command(name = "hcmoco-worker", version, about = "hcmoco training worker")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Join a job on a coordinator and train until it ends.
+    Run {
+        /// Coordinator address (host:port or http://host:port).
+        #[arg(long, env = "HCMOCO_COORDINATOR")]
+        coordinator: String,
+        /// Job to join (default: the coordinator's only open job).
+        #[arg(long)]
+        job: Option<String>,
+        /// Identity of this machine; ranks sharing a host id are placed next to each other.
+        #[arg(long, env = "HCMOCO_HOST_ID")]
+        host_id: Option<String>,
+        /// Address the collective listener binds.
+        #[arg(long, env = "HCMOCO_BIND", default_value = "127.0.0.1:0")]
+        bind: String,
+        /// Address peers use to reach this worker (required when --bind is 0.0.0.0 on a multi-NIC host).
+        #[arg(long, env = "HCMOCO_ADVERTISE_ADDR")]
+        advertise_addr: Option<String>,
+        /// Keep trying to reach the coordinator for this many seconds, then exit non-zero.
+        #[arg(long, default_value_t = 30.0)]
+        connect_timeout_secs: f64,
+        /// Write this rank's final parameters and buffers to DIR/rank-R.safetensors.
+        #[arg(long)]
+        dump_state: Option<PathBuf>,
+    },
+    /// Dataset tools.
+    Data {
+        #[command(subcommand)]
+        command: DataCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Generate synthetic multi-modal humans (RGB, depth for a share of them, 2D keypoints).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        samples: u64,
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Share of samples that have depth.
+        #[arg(long, default_value_t = 0.5)]
+        depth_fraction: f32,
+    },
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match Cli::parse().command {
+        Cmd::Run { coordinator, job, host_id, bind, advertise_addr, connect_timeout_secs, dump_state } => run(RunOptions {
+            coordinator,
+            job,
+            host_id: host_id.unwrap_or_else(host_name),
+            bind,
+            advertise_addr,
+            connect_timeout: Duration::from_secs_f64(connect_timeout_secs.max(0.0)),
+            dump_state,
+        })
+        .map(|s| eprintln!("worker {} (rank {}) done: job {} at step {}, last loss {:?}", s.worker_id, s.rank, s.job_id, s.steps, s.last_loss)),
+        Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction } } => {
+            let cfg = hcmoco_data::SynthConfig { samples, image_size: size, seed, depth_fraction, ..Default::default() };
+            hcmoco_data::generate(&cfg, &out)
+                .map(|m| println!("wrote {} samples in {} shards to {}", m.samples, m.shards.len(), out.display()))
+                .map_err(anyhow::Error::from)
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,336 @@
+//! `hcmoco-worker run`: the worker process's life.
+//!
+//! Control (gRPC to the coordinator, heartbeats) runs on a small tokio runtime; tensor compute and
+//! collectives run on one dedicated OS thread (the training thread), which calls the coordinator by
+//! blocking on the runtime's handle from outside it. Order: connect (bounded retries) -> bind the
+//! collective listener -> Join -> Rendezvous (long poll) -> form the communicator -> broadcast rank 0's
+//! weights -> steps (fetch work, load, train, checkpoint on rank 0, report) -> done.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use hcmoco_data::Dataset;
+use hcmoco_proto::pb;
+use hcmoco_proto::pb::worker_service_client::WorkerServiceClient;
+use hcmoco_proto::JobConfig;
+use tch::{Device, Tensor};
+use tokio::runtime::{Handle, Runtime};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::batch;
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::comm::connect_cpu;
+use crate::model::Model;
+use crate::train::{Trainer, term_names};
+
+/// How a worker process is started.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub coordinator: String,
+    pub job: Option<String>,
+    pub host_id: String,
+    /// Where the collective listener binds (`127.0.0.1:0` by default).
+    pub bind: String,
+    /// The address peers use to reach this worker's collective listener (multi-NIC hosts).
+    pub advertise_addr: Option<String>,
+    /// How long to keep trying to reach the coordinator before giving up.
+    pub connect_timeout: Duration,
+    /// Write this rank's final parameters and buffers to `DIR/rank-R.safetensors` (replica checks).
+    pub dump_state: Option<PathBuf>,
+}
+
+/// What a finished worker reports.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub job_id: String,
+    pub worker_id: String,
+    pub rank: u32,
+    pub steps: u64,
+    pub last_loss: Option<f64>,
+}
+
+fn uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
+/// Connects and joins, retrying transport failures with backoff until `timeout`.
+async fn connect_and_join(opts: &RunOptions, collective_addr: &str) -> anyhow::Result<(WorkerServiceClient<Channel>, pb::JoinResponse)> {
+    let endpoint = Endpoint::from_shared(uri(&opts.coordinator)).with_context(|| format!("bad coordinator address {:?}", opts.coordinator))?;
+    let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+    let deadline = Instant::now() + opts.connect_timeout;
+    let mut backoff = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let last_error = match endpoint.connect().await {
+            Ok(channel) => {
+                let mut client = WorkerServiceClient::new(channel);
+                let req = pb::JoinRequest {
+                    job_id: opts.job.clone().unwrap_or_default(),
+                    host_id: opts.host_id.clone(),
+                    collective_addr: collective_addr.to_string(),
+                    device: "cpu".into(),
+                    pid: std::process::id(),
+                };
+                match client.join(req).await {
+                    Ok(resp) => return Ok((client, resp.into_inner())),
+                    Err(s) if s.code() == tonic::Code::Unavailable => format!("{}", s.message()),
+                    Err(s) => bail!("the coordinator at {} refused to let this worker join: {}", opts.coordinator, s.message()),
+                }
+            }
+            Err(e) => format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            bail!(
+                "could not reach the coordinator at {} within {:.0?} ({attempts} attempts); last error: {last_error}",
+                opts.coordinator,
+                opts.connect_timeout
+            );
+        }
+        tracing::debug!(attempts, error = %last_error, "coordinator not reachable yet, retrying");
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Shared between the heartbeat task and the training thread: why the worker must stop, if it must.
+type StopFlag = Arc<Mutex<Option<String>>>;
+
+fn spawn_heartbeats(rt: &Runtime, mut client: WorkerServiceClient<Channel>, worker_id: String, interval: Duration, silence_limit: Duration, generation: Arc<Mutex<u64>>, stop: StopFlag) {
+    rt.spawn(async move {
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::time::sleep(interval).await;
+            let gen_now = *generation.lock().unwrap_or_else(|p| p.into_inner());
+            let req = pb::HeartbeatRequest { worker_id: worker_id.clone(), generation: gen_now, step: 0 };
+            match client.heartbeat(req).await {
+                Ok(r) => {
+                    last_ok = Instant::now();
+                    let r = r.into_inner();
+                    if r.stop {
+                        *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.message);
+                        return;
+                    }
+                }
+                Err(s) => {
+                    if last_ok.elapsed() > silence_limit {
+                        *stop.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("lost contact with the coordinator for {:.0?}: {}", last_ok.elapsed(), s.message()));
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Runs a worker to the end of its job.
+pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
+
+    let listener = TcpListener::bind(&opts.bind).with_context(|| format!("cannot bind the collective listener on {}", opts.bind))?;
+    let local = listener.local_addr()?;
+    let collective_addr = match &opts.advertise_addr {
+        Some(a) => a.clone(),
+        None if local.ip().is_unspecified() => bail!("--bind {} listens on every interface: pass --advertise-addr HOST:PORT so peers know which one to use", opts.bind),
+        None => local.to_string(),
+    };
+
+    let (client, joined) = rt.block_on(connect_and_join(&opts, &collective_addr))?;
+    let config = JobConfig::from_toml(&joined.job_config_toml).context("the coordinator sent a job config this worker cannot read")?;
+    tracing::info!(job = %joined.job_id, worker = %joined.worker_id, "joined");
+    eprintln!("worker {} joined job {} (collective address {collective_addr})", joined.worker_id, joined.job_id);
+
+    let generation = Arc::new(Mutex::new(0u64));
+    let stop: StopFlag = Arc::new(Mutex::new(None));
+    spawn_heartbeats(
+        &rt,
+        client.clone(),
+        joined.worker_id.clone(),
+        Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(1))),
+        Duration::from_millis(config.heartbeat.timeout_ms),
+        generation.clone(),
+        stop.clone(),
+    );
+
+    // Rendezvous: long polls until this worker's generation is sealed.
+    let assignment = rt.block_on(async {
+        let mut c = client.clone();
+        loop {
+            if let Some(why) = stop.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                bail!("stopped before training: {why}");
+            }
+            let r = c
+                .rendezvous(pb::RendezvousRequest { worker_id: joined.worker_id.clone(), generation: 0, collective_bootstrap: Vec::new() })
+                .await
+                .map_err(|s| anyhow::anyhow!("rendezvous failed: {}", s.message()))?
+                .into_inner();
+            if r.ready {
+                return Ok(r);
+            }
+        }
+    })?;
+    *generation.lock().unwrap_or_else(|p| p.into_inner()) = assignment.generation;
+    eprintln!("generation {}: rank {} of {}", assignment.generation, assignment.rank, assignment.world_size);
+
+    let ctx = TrainContext {
+        handle: rt.handle().clone(),
+        client: client.clone(),
+        worker_id: joined.worker_id.clone(),
+        job_id: joined.job_id.clone(),
+        config,
+        job_toml: joined.job_config_toml.clone(),
+        assignment,
+        stop,
+        dump_state: opts.dump_state.clone(),
+    };
+    // Tensor work on its own OS thread, never on the runtime's workers.
+    let trainer = std::thread::Builder::new().name("hcmoco-train".into()).spawn(move || train_loop(ctx, listener))?;
+    let result = trainer.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
+    if let Err(e) = &result {
+        // Best effort: tell the coordinator, so the job's status names the failure.
+        let req = pb::ReportFailureRequest {
+            worker_id: joined.worker_id.clone(),
+            generation: *generation.lock().unwrap_or_else(|p| p.into_inner()),
+            step: 0,
+            message: format!("{e:#}"),
+            failed_rank: e.downcast_ref::<crate::comm::CommError>().and_then(|c| c.peer_rank()).map_or(-1, |r| r as i32),
+        };
+        let mut c = client;
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), c.report_failure(req)).await });
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+struct TrainContext {
+    handle: Handle,
+    client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    job_id: String,
+    config: JobConfig,
+    job_toml: String,
+    assignment: pb::RendezvousResponse,
+    stop: StopFlag,
+    dump_state: Option<PathBuf>,
+}
+
+impl TrainContext {
+    fn call<T>(&self, what: &str, f: impl AsyncFnOnce(WorkerServiceClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+        let client = self.client.clone();
+        self.handle.block_on(f(client)).map(tonic::Response::into_inner).map_err(|s| anyhow::anyhow!("{what} refused by the coordinator: {}", s.message()))
+    }
+}
+
+fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSummary> {
+    let cfg = &ctx.config;
+    tch::set_num_threads(cfg.runtime.torch_threads as i32);
+    let a = &ctx.assignment;
+    let (rank, world) = (a.rank, a.world_size);
+    let generation = a.generation;
+
+    // Datasets: the layout and image size must agree across the job's datasets (checked here, once).
+    let mut datasets = Vec::new();
+    for (i, d) in cfg.data.datasets.iter().enumerate() {
+        datasets.push(Dataset::open(std::path::Path::new(&d.manifest)).with_context(|| format!("data.datasets[{i}]: cannot open {}", d.manifest))?);
+    }
+    let first = datasets.first().context("the job lists no dataset")?.manifest().clone();
+    for (i, d) in datasets.iter().enumerate() {
+        let m = d.manifest();
+        if m.layout != first.layout {
+            bail!("data.datasets[{i}] uses keypoint layout {} but data.datasets[0] uses {}: one layout per job", m.layout, first.layout);
+        }
+        if (m.image_width, m.image_height) != (first.image_width, first.image_height) {
+            bail!("data.datasets[{i}] images are {}x{}, data.datasets[0] are {}x{}: one size per job until augmentation lands", m.image_width, m.image_height, first.image_width, first.image_height);
+        }
+    }
+
+    let peers: Vec<String> = a.peers.iter().map(|p| p.collective_addr.clone()).collect();
+    let timeout = Duration::from_millis(cfg.collective.timeout_ms);
+    let comm = connect_cpu(listener, rank as usize, &peers, generation, timeout).context("cannot form the collective ring")?;
+    let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, Device::Cpu);
+    let mut trainer = Trainer::new(model, Box::new(comm), cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.loss.temperature);
+    trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
+    eprintln!("rank {rank}: ring formed, weights synchronised");
+
+    let names = term_names();
+    let mut step = a.start_step;
+    let mut last_loss = None;
+    loop {
+        if let Some(why) = ctx.stop.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            bail!("stopping: {why}");
+        }
+        let t0 = Instant::now();
+        let work = ctx.call("fetch work", async |mut c| {
+            c.fetch_work(pb::FetchWorkRequest { worker_id: ctx.worker_id.clone(), generation, step }).await
+        })?;
+        if work.done {
+            if !work.message.is_empty() {
+                bail!("{}", work.message);
+            }
+            break;
+        }
+        let mut samples = Vec::with_capacity(work.samples.len());
+        for s in &work.samples {
+            let d = datasets.get(s.dataset as usize).with_context(|| format!("step {step}: dataset {} is not in the job", s.dataset))?;
+            samples.push(d.get(s.index).with_context(|| format!("step {step}: slot {}", s.slot))?);
+        }
+        let batch = batch::build(&samples, first.layout, (first.image_width, first.image_height), trainer.model.kind)
+            .with_context(|| format!("step {step}: cannot build the batch"))?;
+        let data_time = t0.elapsed();
+        let offset = (work.local_slot_begin - work.global_slot_begin) as usize;
+        let global_rows = (work.global_slot_end - work.global_slot_begin) as usize;
+        let out = trainer.step(&batch, offset, global_rows, work.learning_rate).with_context(|| format!("step {step} (rank {rank})"))?;
+        last_loss = Some(out.total);
+
+        let done_steps = step + 1;
+        let mut checkpoint_dir = String::new();
+        let due = done_steps == cfg.steps || (cfg.checkpoint.every_steps > 0 && done_steps % cfg.checkpoint.every_steps == 0);
+        if due && rank == 0 {
+            let meta = CheckpointMeta {
+                format: checkpoint::FORMAT.into(),
+                job_id: ctx.job_id.clone(),
+                step: done_steps,
+                epoch: work.epoch,
+                next_slot_in_epoch: work.global_slot_end,
+                generation,
+                world_size: world,
+                loss_total: out.total,
+                created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            };
+            let path = checkpoint::write(std::path::Path::new(&cfg.checkpoint.dir), &meta, &trainer.model.state(), &trainer.opt.state(), &ctx.job_toml)
+                .with_context(|| format!("step {done_steps}: checkpoint"))?;
+            checkpoint_dir = path.display().to_string();
+        }
+        let step_time = t0.elapsed();
+        let metrics = pb::StepMetrics {
+            step,
+            loss_total: out.total,
+            loss_terms: names.iter().zip(out.terms).map(|(n, v)| (n.to_string(), v)).collect(),
+            samples_per_sec: batch.len() as f64 / step_time.as_secs_f64().max(1e-9),
+            step_ms: step_time.as_secs_f64() * 1e3,
+            data_ms: data_time.as_secs_f64() * 1e3,
+            compute_ms: out.compute.as_secs_f64() * 1e3,
+            comm_ms: out.comm.as_secs_f64() * 1e3,
+            local_samples: batch.len() as u32,
+            learning_rate: work.learning_rate,
+        };
+        ctx.call("report step", async |mut c| {
+            c.report_step(pb::ReportStepRequest { worker_id: ctx.worker_id.clone(), generation, metrics: Some(metrics), checkpoint: checkpoint_dir }).await
+        })?;
+        step += 1;
+    }
+
+    if let Some(dir) = &ctx.dump_state {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("rank-{rank}.safetensors"));
+        let state: Vec<(String, Tensor)> = trainer.model.state();
+        Tensor::write_safetensors(&state, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!("rank {rank}: finished at step {step}");
+    Ok(RunSummary { job_id: ctx.job_id, worker_id: ctx.worker_id, rank, steps: step, last_loss })
+}
