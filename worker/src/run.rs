@@ -8,6 +8,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -177,7 +178,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     *generation.lock().unwrap_or_else(|p| p.into_inner()) = assignment.generation;
     eprintln!("generation {}: rank {} of {}", assignment.generation, assignment.rank, assignment.world_size);
 
+    let current_step = Arc::new(AtomicU64::new(assignment.start_step));
     let ctx = TrainContext {
+        current_step: current_step.clone(),
         handle: rt.handle().clone(),
         client: client.clone(),
         worker_id: joined.worker_id.clone(),
@@ -196,9 +199,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         let req = pb::ReportFailureRequest {
             worker_id: joined.worker_id.clone(),
             generation: *generation.lock().unwrap_or_else(|p| p.into_inner()),
-            step: 0,
+            step: current_step.load(Ordering::Relaxed),
             message: format!("{e:#}"),
-            failed_rank: e.downcast_ref::<crate::comm::CommError>().and_then(|c| c.peer_rank()).map_or(-1, |r| r as i32),
+            failed_rank: e.chain().find_map(|c| c.downcast_ref::<crate::comm::CommError>()).and_then(|c| c.peer_rank()).map_or(-1, |r| r as i32),
         };
         let mut c = client;
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), c.report_failure(req)).await });
@@ -208,6 +211,8 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
 }
 
 struct TrainContext {
+    /// The step being trained, for failure reports.
+    current_step: Arc<AtomicU64>,
     handle: Handle,
     client: WorkerServiceClient<Channel>,
     worker_id: String,
@@ -264,6 +269,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         if let Some(why) = ctx.stop.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             bail!("stopping: {why}");
         }
+        ctx.current_step.store(step, Ordering::Relaxed);
         let t0 = Instant::now();
         let work = ctx.call("fetch work", async |mut c| {
             c.fetch_work(pb::FetchWorkRequest { worker_id: ctx.worker_id.clone(), generation, step }).await

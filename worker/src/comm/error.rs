@@ -28,10 +28,15 @@ pub enum CommError {
     },
     /// The ring could not be formed: a neighbour missing, or it spoke another generation, world size or
     /// protocol version.
-    #[error("connect: handshake of rank {rank} with {peer} failed: {detail}")]
+    #[error(
+        "connect: handshake of rank {rank} with {side} peer rank {peer_rank} ({peer_addr}) failed: {detail}"
+    )]
     Handshake {
         rank: usize,
-        peer: String,
+        /// "left" (the neighbour this rank accepts) or "right" (the one it connects to).
+        side: &'static str,
+        peer_rank: usize,
+        peer_addr: String,
         detail: String,
     },
     /// Ranks passed tensors that do not agree (shape or kind); `rank` is the rank whose tensor differs.
@@ -62,13 +67,15 @@ pub enum CommError {
 }
 
 impl CommError {
-    /// The peer rank the error is attributed to, if any.
+    /// The neighbour on whose connection the failure was observed (`Peer`, `Protocol`, `Handshake`).
+    /// The first rank to fail closes its sockets, so after a cascade this can be a rank that itself
+    /// failed because of another; the neighbours of a dead rank name it. `Mismatch` names a rank whose
+    /// tensor differs, which is a caller bug rather than a failed peer: it is not reported here.
     pub fn peer_rank(&self) -> Option<usize> {
         match self {
-            CommError::Peer { peer_rank, .. } | CommError::Protocol { peer_rank, .. } => {
-                Some(*peer_rank)
-            }
-            CommError::Mismatch { rank, .. } => Some(*rank),
+            CommError::Peer { peer_rank, .. }
+            | CommError::Protocol { peer_rank, .. }
+            | CommError::Handshake { peer_rank, .. } => Some(*peer_rank),
             _ => None,
         }
     }

@@ -154,13 +154,15 @@ impl TcpRing {
         let mut reply = [0u8; HELLO_LEN];
         let handshake_error = |detail: String| CommError::Handshake {
             rank,
-            peer: format!("right peer rank {right_rank} ({})", peers[right_rank]),
+            side: "right",
+            peer_rank: right_rank,
+            peer_addr: peers[right_rank].clone(),
             detail,
         };
         (&right.stream).read_exact(&mut reply).map_err(|e| {
             handshake_error(match e.kind() {
                 io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => {
-                    "peer closed the connection instead of answering (it rejected this rank's hello: check generation and world size)".to_owned()
+                    "peer closed the connection instead of answering (it rejected this rank's hello, e.g. another generation or world size, or it exited)".to_owned()
                 }
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "no answer before the deadline".to_owned(),
                 _ => format!("reading the answer failed: {e}"),
@@ -425,7 +427,9 @@ fn accept_left(
             };
             return Err(CommError::Handshake {
                 rank,
-                peer: format!("left peer rank {left_rank} ({left_addr})"),
+                side: "left",
+                peer_rank: left_rank,
+                peer_addr: left_addr.to_owned(),
                 detail,
             });
         }

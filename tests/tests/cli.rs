@@ -1,0 +1,140 @@
+//! The command lines as users run them: status, submit, worker start-up failures, local launch.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hcmoco_proto::pb;
+use hcmoco_tests::*;
+
+/// `hcmoco status --job` against a running job shows its state, step, per-worker progress, per-rank
+/// step times and the latest loss.
+#[test]
+fn status_shows_a_running_job() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 32, 32, 2);
+    let c = TestCoordinator::start();
+    let job = c.submit(small_job(&manifest, tmp.path(), 2, 100_000, 8));
+    let _workers: Vec<WorkerProc> =
+        (0..2).map(|i| WorkerProc::spawn(&c.url(), &job, tmp.path().join(format!("w{i}.log")), &[])).collect();
+    c.wait_until(&job, Duration::from_secs(120), |_| {}, |s| s.committed_steps >= 3 && s.workers.iter().all(|w| w.latest.is_some()))
+        .expect("job makes progress");
+
+    let out = Command::new(bin("hcmoco")).args(["status", "--job", &job.0, "--coordinator", &c.addr.to_string()]).output().expect("run status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("job {} (itest): running", job.0)), "{text}");
+    assert!(text.contains("generation 1") && text.contains("world 2"), "{text}");
+    let step_line = text.lines().find(|l| l.trim_start().starts_with("step ")).expect("a step line");
+    let committed: u64 = step_line.trim_start()["step ".len()..].split('/').next().and_then(|n| n.parse().ok()).expect("step number");
+    assert!(committed >= 3, "{step_line}");
+    assert!(text.contains("loss "), "{text}");
+    assert!(text.contains("step_ms") && text.contains("data_ms") && text.contains("compute_ms") && text.contains("comm_ms"), "{text}");
+    // One row per rank with its progress, timings and loss.
+    for rank in ["0", "1"] {
+        let row = text.lines().find(|l| l.split_whitespace().next() == Some(rank)).unwrap_or_else(|| panic!("no row for rank {rank}:\n{text}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols.len(), 10, "{row}");
+        assert!(cols[4].parse::<u64>().expect("steps") >= 1, "{row}");
+        for c in &cols[5..] {
+            assert!(c.parse::<f64>().is_ok(), "{row}");
+        }
+    }
+    // The list view names the job too.
+    let out = Command::new(bin("hcmoco")).args(["status", "--coordinator", &c.addr.to_string()]).output().expect("run status");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&job.0));
+
+    // Cancel: the workers stop and exit non-zero, the job says why.
+    let out = Command::new(bin("hcmoco")).args(["cancel", &job.0, "--coordinator", &c.addr.to_string()]).output().expect("cancel");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
+    let end = c.wait_until(&job, Duration::from_secs(30), |_| {}, is_terminal).expect("ends");
+    assert_eq!(state_of(&end), pb::JobState::Cancelled);
+}
+
+/// A malformed job file is refused, naming the key: locally by `hcmoco submit`, and by the server
+/// for a request that skips the CLI.
+#[test]
+fn malformed_job_files_name_the_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 8, 16, 0);
+    let c = TestCoordinator::start();
+    let base = format!("[[data.datasets]]\nmanifest = {:?}\n", manifest.display().to_string());
+    for (text, key) in [
+        (format!("globl_batch = 4\n{base}"), "globl_batch"),
+        (format!("[optimizer]\nlearning_rate = 0.1\n{base}"), "learning_rate"),
+        (format!("[workers]\nmin = 4\nmax = 2\n{base}"), "workers.max"),
+    ] {
+        let path = tmp.path().join("job.toml");
+        std::fs::write(&path, &text).expect("write");
+        let out = Command::new(bin("hcmoco")).args(["submit"]).arg(&path).args(["--coordinator", &c.addr.to_string()]).output().expect("submit");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted: {text}");
+        assert!(err.contains(key) && err.contains("job.toml"), "error should name {key} and the file: {err}");
+    }
+    // A dataset that does not exist is refused by the coordinator, naming the key.
+    let path = tmp.path().join("job.toml");
+    std::fs::write(&path, "[[data.datasets]]\nmanifest = \"missing/manifest.json\"\n").expect("write");
+    let out = Command::new(bin("hcmoco")).args(["submit"]).arg(&path).args(["--coordinator", &c.addr.to_string()]).output().expect("submit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("data.datasets[0].manifest"), "{err}");
+    // Straight over gRPC: InvalidArgument naming the key.
+    let status = c.rt.block_on(async {
+        let mut client = pb::job_service_client::JobServiceClient::connect(c.url()).await.expect("connect");
+        client.submit_job(pb::SubmitJobRequest { spec_toml: format!("stepz = 1\n{base}") }).await.expect_err("refused")
+    });
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("stepz"), "{}", status.message());
+}
+
+/// A worker pointed at an unreachable coordinator retries for a bounded time, then exits non-zero
+/// with a clear message.
+#[test]
+fn worker_gives_up_on_an_unreachable_coordinator() {
+    // A port nobody listens on: bind, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let started = Instant::now();
+    let out = Command::new(bin("hcmoco-worker"))
+        .args(["run", "--coordinator", &format!("127.0.0.1:{port}"), "--connect-timeout-secs", "2"])
+        .output()
+        .expect("run worker");
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("could not reach the coordinator at 127.0.0.1:{port}")), "{err}");
+    assert!(err.contains("attempts"), "retried: {err}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(60), "gave up after {took:?}");
+}
+
+/// The gRPC health service reports the coordinator's services as serving.
+#[test]
+fn health_and_reflection_are_served() {
+    let c = TestCoordinator::start();
+    c.rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(c.url()).expect("uri").connect().await.expect("connect");
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        for service in ["hcmoco.v1.JobService", "hcmoco.v1.WorkerService"] {
+            let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.expect("check").into_inner();
+            assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
+        }
+    });
+}
+
+/// The README's main command, smaller: `hcmoco launch --local` generates data, runs 2 worker
+/// processes, prints a summary and leaves a checkpoint.
+#[test]
+fn launch_local_runs_to_completion() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out_dir = tmp.path().join("run");
+    let out = Command::new(bin("hcmoco"))
+        .args(["launch", "--local", "--workers", "2", "--steps", "12", "--synth-samples", "48", "--synth-image-size", "32", "--out"])
+        .arg(&out_dir)
+        .env("HCMOCO_WORKER_BIN", bin("hcmoco-worker"))
+        .output()
+        .expect("launch");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("run complete") && stdout.contains("trained 12 steps"), "{stdout}");
+    assert!(stdout.contains("completed"), "{stdout}");
+    let ckpt = out_dir.join("checkpoints/step-00000012");
+    assert!(ckpt.join("model.safetensors").is_file(), "{stdout}");
+    assert!(out_dir.join("job.toml").is_file() && out_dir.join("logs/worker-0.log").is_file());
+}
