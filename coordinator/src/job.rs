@@ -39,7 +39,12 @@ impl JobState {
         use JobState::*;
         matches!(
             (self, to),
-            (Pending, Running) | (Pending, Failed) | (Pending, Cancelled) | (Running, Completed) | (Running, Failed) | (Running, Cancelled)
+            (Pending, Running)
+                | (Pending, Failed)
+                | (Pending, Cancelled)
+                | (Running, Completed)
+                | (Running, Failed)
+                | (Running, Cancelled)
         )
     }
 
@@ -97,14 +102,23 @@ mod tests {
 
     #[test]
     fn legal_transitions() {
-        for (from, to) in [(Pending, Running), (Pending, Failed), (Pending, Cancelled), (Running, Completed), (Running, Failed), (Running, Cancelled)] {
+        for (from, to) in [
+            (Pending, Running),
+            (Pending, Failed),
+            (Pending, Cancelled),
+            (Running, Completed),
+            (Running, Failed),
+            (Running, Cancelled),
+        ] {
             assert_eq!(from.transition(to), Ok(to), "{from} -> {to}");
         }
     }
 
     #[test]
     fn illegal_transitions_are_refused() {
-        let legal = |a: JobState, b: JobState| matches!((a, b), (Pending, Running | Failed | Cancelled) | (Running, Completed | Failed | Cancelled));
+        let legal = |a: JobState, b: JobState| {
+            matches!((a, b), (Pending, Running | Failed | Cancelled) | (Running, Completed | Failed | Cancelled))
+        };
         for from in ALL {
             for to in ALL {
                 if !legal(from, to) {

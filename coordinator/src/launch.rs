@@ -67,7 +67,10 @@ pub fn find_worker_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         }
         tried.push(candidate.display().to_string());
     }
-    bail!("cannot find the hcmoco-worker binary (tried {}); build it with `cargo build --workspace --bins` or pass --worker-bin", tried.join(", "))
+    bail!(
+        "cannot find the hcmoco-worker binary (tried {}); build it with `cargo build --workspace --bins` or pass --worker-bin",
+        tried.join(", ")
+    )
 }
 
 /// Builds the job config of a local launch.
@@ -126,7 +129,8 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
     }
     let out = std::path::absolute(&opts.out).with_context(|| format!("output directory {}", opts.out.display()))?;
     let opts = LaunchOptions { out: out.clone(), ..opts };
-    std::fs::create_dir_all(out.join("logs")).with_context(|| format!("cannot create {}", out.join("logs").display()))?;
+    std::fs::create_dir_all(out.join("logs"))
+        .with_context(|| format!("cannot create {}", out.join("logs").display()))?;
     let worker_bin = find_worker_bin(opts.worker_bin.as_deref())?;
 
     let manifest = match &opts.data {
@@ -144,7 +148,13 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
                     ..Default::default()
                 };
                 let t = Instant::now();
-                eprintln!("generating {} synthetic samples ({}x{}) under {}", cfg.samples, cfg.image_size, cfg.image_size, dir.display());
+                eprintln!(
+                    "generating {} synthetic samples ({}x{}) under {}",
+                    cfg.samples,
+                    cfg.image_size,
+                    cfg.image_size,
+                    dir.display()
+                );
                 let m = tokio::task::spawn_blocking(move || hcmoco_data::generate(&cfg, &dir)).await??;
                 let with_depth: u64 = m.shards.iter().map(|s| s.with_depth).sum();
                 eprintln!("  {} samples ({} with depth) in {:.1}s", m.samples, with_depth, t.elapsed().as_secs_f64());
@@ -153,16 +163,21 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
         }
     };
     let cfg = local_config(&opts, &manifest)?;
-    std::fs::write(out.join("job.toml"), cfg.to_toml()).with_context(|| format!("cannot write {}", out.join("job.toml").display()))?;
+    std::fs::write(out.join("job.toml"), cfg.to_toml())
+        .with_context(|| format!("cannot write {}", out.join("job.toml").display()))?;
 
     let coordinator = Coordinator::new();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind the coordinator on loopback")?;
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind the coordinator on loopback")?;
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(crate::server::run(listener, coordinator.clone(), shutdown.clone()));
     let job_id = coordinator.submit(cfg.clone())?;
     let mut changed = coordinator.subscribe(&job_id)?;
-    eprintln!("coordinator on {addr}, job {job_id}: {} steps, {} workers, global batch {}", cfg.steps, opts.workers, cfg.global_batch);
+    eprintln!(
+        "coordinator on {addr}, job {job_id}: {} steps, {} workers, global batch {}",
+        cfg.steps, opts.workers, cfg.global_batch
+    );
 
     let mut procs = Vec::new();
     for index in 0..opts.workers {
@@ -190,7 +205,9 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
         loop {
             match p.child.try_wait() {
                 Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < deadline && result.is_ok() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(None) if Instant::now() < deadline && result.is_ok() => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 _ => {
                     let _ = p.child.kill();
                     let _ = p.child.wait();
@@ -240,19 +257,20 @@ async fn supervise(
             }
             Ok(pb::JobState::Failed | pb::JobState::Cancelled) => {
                 bar.finish_and_clear();
-                let logs: Vec<String> = procs.iter().map(|p| format!("--- {} ---\n{}", p.log.display(), tail(&p.log, 8))).collect();
+                let logs: Vec<String> =
+                    procs.iter().map(|p| format!("--- {} ---\n{}", p.log.display(), tail(&p.log, 8))).collect();
                 bail!("job {job_id} {}: {}\n{}", wire_state_name(s.state), s.message, logs.join("\n"));
             }
             _ => {}
         }
         for p in procs.iter_mut() {
-            if let Some(code) = p.child.try_wait()? {
-                if !code.success() {
-                    let reason = format!("worker process {} (pid {}) exited with {code}", p.index, p.child.id());
-                    let _ = coordinator.cancel(job_id, &reason);
-                    bar.finish_and_clear();
-                    bail!("{reason}; last lines of {}:\n{}", p.log.display(), tail(&p.log, 15));
-                }
+            if let Some(code) = p.child.try_wait()?
+                && !code.success()
+            {
+                let reason = format!("worker process {} (pid {}) exited with {code}", p.index, p.child.id());
+                let _ = coordinator.cancel(job_id, &reason);
+                bar.finish_and_clear();
+                bail!("{reason}; last lines of {}:\n{}", p.log.display(), tail(&p.log, 15));
             }
         }
         tokio::select! {
@@ -270,7 +288,12 @@ async fn supervise(
 /// The final summary printed by `hcmoco launch`.
 pub fn summary(outcome: &LaunchOutcome, elapsed: Duration) -> String {
     let s = &outcome.status;
-    let mut out = format!("run complete: job {} trained {} steps in {:.1}s\n", s.job_id, s.committed_steps, elapsed.as_secs_f64());
+    let mut out = format!(
+        "run complete: job {} trained {} steps in {:.1}s\n",
+        s.job_id,
+        s.committed_steps,
+        elapsed.as_secs_f64()
+    );
     if let (Some(first), Some(last)) = (outcome.first_loss, s.latest.as_ref().map(|m| m.loss_total)) {
         out.push_str(&format!("loss {first:.4} (first step) -> {last:.4} (last step)\n"));
     }

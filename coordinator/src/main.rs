@@ -13,7 +13,11 @@ use hcmoco_proto::pb::job_service_client::JobServiceClient;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "hcmoco", version, about = "Distributed multi-modal contrastive pre-training (HCMoCo): coordinator and CLI")]
+#[command(
+    name = "hcmoco",
+    version,
+    about = "Distributed multi-modal contrastive pre-training (HCMoCo): coordinator and CLI"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -81,7 +85,8 @@ enum Cmd {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -97,7 +102,8 @@ async fn main() {
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Serve { listen } => {
-            let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+            let listener =
+                tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             eprintln!("hcmoco coordinator listening on {}", listener.local_addr()?);
             let shutdown = CancellationToken::new();
             let on_signal = shutdown.clone();
@@ -110,7 +116,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::Submit { job_file, coordinator } => {
             let cfg = client::load_job_file(&job_file)?;
             let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
-            let resp = c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml() }).await.context("submit refused")?;
+            let resp =
+                c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml() }).await.context("submit refused")?;
             println!("{}", resp.into_inner().job_id);
             Ok(())
         }
@@ -153,7 +160,17 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 on_signal.cancel();
             });
             let started = Instant::now();
-            let opts = LaunchOptions { workers, steps, out, data, job_file, worker_bin, synth_samples, synth_image_size, worker_args: Vec::new() };
+            let opts = LaunchOptions {
+                workers,
+                steps,
+                out,
+                data,
+                job_file,
+                worker_bin,
+                synth_samples,
+                synth_image_size,
+                worker_args: Vec::new(),
+            };
             let outcome = launch::launch_local(opts, interrupt).await?;
             print!("{}", launch::summary(&outcome, started.elapsed()));
             Ok(())

@@ -95,7 +95,10 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(self.coordinator.join(req)?))
     }
 
-    async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
         let req = domain::Rendezvous::try_from(req.into_inner())?;
         let resp = match self.coordinator.rendezvous(req, self.rendezvous_poll).await? {
             None => pb::RendezvousResponse { ready: false, ..Default::default() },
@@ -123,12 +126,18 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(self.coordinator.fetch_work(req)?))
     }
 
-    async fn report_step(&self, req: Request<pb::ReportStepRequest>) -> Result<Response<pb::ReportStepResponse>, Status> {
+    async fn report_step(
+        &self,
+        req: Request<pb::ReportStepRequest>,
+    ) -> Result<Response<pb::ReportStepResponse>, Status> {
         let req = domain::ReportStep::try_from(req.into_inner())?;
         Ok(Response::new(self.coordinator.report_step(req)?))
     }
 
-    async fn report_failure(&self, req: Request<pb::ReportFailureRequest>) -> Result<Response<pb::ReportFailureResponse>, Status> {
+    async fn report_failure(
+        &self,
+        req: Request<pb::ReportFailureRequest>,
+    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let req = domain::ReportFailure::try_from(req.into_inner())?;
         self.coordinator.report_failure(req)?;
         Ok(Response::new(pb::ReportFailureResponse {}))

@@ -63,7 +63,8 @@ struct Worker {
     device: String,
     last_seen: Instant,
     last_seen_unix_ms: u64,
-    bootstrap: Vec<u8>,
+    /// The collective bootstrap bytes this worker offered at its latest rendezvous (None: not yet).
+    bootstrap: Option<Vec<u8>>,
     reported_steps: u64,
     latest: Option<StepMetrics>,
 }
@@ -73,7 +74,8 @@ struct Worker {
 struct Generation {
     number: u64,
     members: Vec<WorkerId>,
-    bootstrap: Vec<u8>,
+    /// Rank 0's offer, fixed when rank 0 first rendezvouses in this generation; members wait for it.
+    bootstrap: Option<Vec<u8>>,
     start_step: u64,
 }
 
@@ -108,7 +110,8 @@ impl Job {
     }
 
     fn set_state(&mut self, to: JobState, message: impl Into<String>) -> Result<(), CoordError> {
-        self.state = self.state.transition(to).map_err(|e| CoordError::Precondition(format!("job {}: {e}", self.id)))?;
+        self.state =
+            self.state.transition(to).map_err(|e| CoordError::Precondition(format!("job {}: {e}", self.id)))?;
         self.message = message.into();
         tracing::info!(job = %self.id, state = %to, message = %self.message, "job state changed");
         self.touch();
@@ -135,7 +138,10 @@ impl Job {
             )));
         }
         self.rank_of(&call.worker_id).ok_or_else(|| {
-            CoordError::Precondition(format!("worker {} is not a member of generation {}", call.worker_id, generation.number))
+            CoordError::Precondition(format!(
+                "worker {} is not a member of generation {}",
+                call.worker_id, generation.number
+            ))
         })
     }
 
@@ -251,6 +257,10 @@ pub struct Assignment {
     pub start_step: u64,
 }
 
+/// One rendezvous attempt: the assignment, or when to look again (the settle deadline, if one runs)
+/// and a receiver that fires on any change to the job.
+type Attempt = Result<Assignment, (Option<Instant>, watch::Receiver<u64>)>;
+
 /// The coordinator: shared by every service handler.
 #[derive(Debug, Clone, Default)]
 pub struct Coordinator {
@@ -341,10 +351,17 @@ impl Coordinator {
                 let open: Vec<&JobId> = inner.jobs.values().filter(|j| !j.state.is_terminal()).map(|j| &j.id).collect();
                 match open.as_slice() {
                     [one] => (*one).clone(),
-                    [] => return Err(CoordError::Precondition("no pending or running job to join; submit one first".into())),
+                    [] => {
+                        return Err(CoordError::Precondition(
+                            "no pending or running job to join; submit one first".into(),
+                        ));
+                    }
                     many => {
                         let names: Vec<&str> = many.iter().map(|j| j.0.as_str()).collect();
-                        return Err(CoordError::Precondition(format!("several jobs are open ({}); pass --job", names.join(", "))));
+                        return Err(CoordError::Precondition(format!(
+                            "several jobs are open ({}); pass --job",
+                            names.join(", ")
+                        )));
                     }
                 }
             }
@@ -362,7 +379,10 @@ impl Coordinator {
             s => return Err(CoordError::Precondition(format!("job {job_id} is {s}"))),
         }
         if job.workers.len() as u32 >= job.config.workers.max {
-            return Err(CoordError::Full(format!("job {job_id} already has workers.max = {} workers", job.config.workers.max)));
+            return Err(CoordError::Full(format!(
+                "job {job_id} already has workers.max = {} workers",
+                job.config.workers.max
+            )));
         }
         if let Some(other) = job.workers.iter().find(|w| w.collective_addr == req.collective_addr) {
             return Err(CoordError::Precondition(format!(
@@ -378,7 +398,7 @@ impl Coordinator {
             device: req.device,
             last_seen: Instant::now(),
             last_seen_unix_ms: unix_ms(),
-            bootstrap: Vec::new(),
+            bootstrap: None,
             reported_steps: 0,
             latest: None,
         });
@@ -393,7 +413,11 @@ impl Coordinator {
         Ok(resp)
     }
 
-    fn with_worker_job<T>(&self, worker: &WorkerId, f: impl FnOnce(&mut Job) -> Result<T, CoordError>) -> Result<T, CoordError> {
+    fn with_worker_job<T>(
+        &self,
+        worker: &WorkerId,
+        f: impl FnOnce(&mut Job) -> Result<T, CoordError>,
+    ) -> Result<T, CoordError> {
         let mut inner = self.lock();
         let job_id = inner.worker_jobs.get(worker).cloned().ok_or_else(|| CoordError::NoWorker(worker.clone()))?;
         let job = inner.jobs.get_mut(&job_id).ok_or(CoordError::NoJob(job_id))?;
@@ -405,37 +429,51 @@ impl Coordinator {
 
     /// One rendezvous attempt: the assignment if the worker's generation is sealed, else when to look
     /// again (the settle deadline, if one is running) and a receiver that fires on any change.
-    fn try_rendezvous(
-        &self,
-        req: &domain::Rendezvous,
-        now: Instant,
-    ) -> Result<Result<Assignment, (Option<Instant>, watch::Receiver<u64>)>, CoordError> {
+    fn try_rendezvous(&self, req: &domain::Rendezvous, now: Instant) -> Result<Attempt, CoordError> {
         self.with_worker_job(&req.call.worker_id, |job| {
             if job.state.is_terminal() {
                 return Err(CoordError::Precondition(format!("job {} is {}: {}", job.id, job.state, job.message)));
             }
-            job.worker_mut(&req.call.worker_id)?.bootstrap = req.collective_bootstrap.clone();
+            job.worker_mut(&req.call.worker_id)?.bootstrap = Some(req.collective_bootstrap.clone());
             let deadline = job.maybe_seal(now);
-            if let (Some(g), Some(rank)) = (job.generation.clone(), job.rank_of(&req.call.worker_id)) {
-                if g.number > req.call.generation {
-                    let peers = g
-                        .members
-                        .iter()
-                        .filter_map(|m| job.workers.iter().find(|w| &w.id == m))
-                        .map(|w| pb::Peer { worker_id: w.id.0.clone(), host_id: w.host_id.clone(), collective_addr: w.collective_addr.clone() })
-                        .collect();
-                    return Ok(Ok(Assignment { generation: g.number, rank, peers, bootstrap: g.bootstrap, start_step: g.start_step }));
-                }
+            let rank = job.rank_of(&req.call.worker_id);
+            if let (Some(g), Some(0)) = (job.generation.as_mut(), rank)
+                && g.bootstrap.is_none()
+            {
+                g.bootstrap = Some(req.collective_bootstrap.clone());
+                job.touch();
+            }
+            if let (Some(g), Some(rank)) = (job.generation.clone(), rank)
+                && let (true, Some(bootstrap)) = (g.number > req.call.generation, g.bootstrap)
+            {
+                let peers = g
+                    .members
+                    .iter()
+                    .filter_map(|m| job.workers.iter().find(|w| &w.id == m))
+                    .map(|w| pb::Peer {
+                        worker_id: w.id.0.clone(),
+                        host_id: w.host_id.clone(),
+                        collective_addr: w.collective_addr.clone(),
+                    })
+                    .collect();
+                return Ok(Ok(Assignment { generation: g.number, rank, peers, bootstrap, start_step: g.start_step }));
             }
             if job.generation.is_some() && job.rank_of(&req.call.worker_id).is_none() {
-                return Err(CoordError::Precondition(format!("worker {} is not part of job {}'s generation", req.call.worker_id, job.id)));
+                return Err(CoordError::Precondition(format!(
+                    "worker {} is not part of job {}'s generation",
+                    req.call.worker_id, job.id
+                )));
             }
             Ok(Err((deadline, job.changed.subscribe())))
         })
     }
 
     /// Long poll until the worker's generation is sealed or `window` passes (then `Ok(None)`).
-    pub async fn rendezvous(&self, req: domain::Rendezvous, window: Duration) -> Result<Option<Assignment>, CoordError> {
+    pub async fn rendezvous(
+        &self,
+        req: domain::Rendezvous,
+        window: Duration,
+    ) -> Result<Option<Assignment>, CoordError> {
         let give_up = Instant::now() + window;
         loop {
             let now = Instant::now();
@@ -471,7 +509,9 @@ impl Coordinator {
         self.with_worker_job(&req.call.worker_id, |job| {
             if job.state.is_terminal() || req.step >= job.config.steps {
                 let message = match job.state {
-                    JobState::Failed | JobState::Cancelled => format!("job {} is {}: {}", job.id, job.state, job.message),
+                    JobState::Failed | JobState::Cancelled => {
+                        format!("job {} is {}: {}", job.id, job.state, job.message)
+                    }
                     _ => String::new(),
                 };
                 return Ok(pb::FetchWorkResponse { done: true, step: req.step, message, ..Default::default() });
@@ -569,7 +609,10 @@ impl Coordinator {
             for (id, host, quiet) in silent {
                 match job.rank_of(&id) {
                     Some(rank) => {
-                        let msg = format!("worker {id} (rank {rank}, host {host}) lost: no heartbeat for {:.1}s", quiet.as_secs_f64());
+                        let msg = format!(
+                            "worker {id} (rank {rank}, host {host}) lost: no heartbeat for {:.1}s",
+                            quiet.as_secs_f64()
+                        );
                         tracing::warn!(job = %job.id, worker = %id, rank, "worker lost");
                         let _ = job.set_state(JobState::Failed, msg);
                         break;
@@ -587,5 +630,252 @@ impl Coordinator {
         for id in dropped {
             inner.worker_jobs.remove(&id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hcmoco_proto::domain::{FetchWork, Heartbeat, Join, Rendezvous, ReportStep};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        manifest: String,
+    }
+
+    fn fixture(samples: u64) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = hcmoco_data::SynthConfig { samples, image_size: 16, ..Default::default() };
+        hcmoco_data::generate(&cfg, dir.path()).expect("synth");
+        let manifest = dir.path().join("manifest.json").display().to_string();
+        Fixture { _dir: dir, manifest }
+    }
+
+    fn config(f: &Fixture, min: u32, max: u32) -> JobConfig {
+        let mut cfg = JobConfig::from_toml(&format!("[[data.datasets]]\nmanifest = {:?}\n", f.manifest)).expect("cfg");
+        cfg.workers.min = min;
+        cfg.workers.max = max;
+        cfg.global_batch = 5;
+        cfg.steps = 4;
+        cfg.rendezvous.settle_ms = 1_000;
+        cfg
+    }
+
+    fn join(c: &Coordinator, job: &JobId, host: &str, port: u16) -> WorkerId {
+        let r = c
+            .join(Join {
+                job_id: Some(job.clone()),
+                host_id: host.into(),
+                collective_addr: format!("127.0.0.1:{port}"),
+                device: "cpu".into(),
+                pid: 1,
+            })
+            .expect("join");
+        WorkerId(r.worker_id)
+    }
+
+    fn rdv(w: &WorkerId) -> Rendezvous {
+        Rendezvous {
+            call: WorkerCall { worker_id: w.clone(), generation: 0 },
+            collective_bootstrap: w.0.as_bytes().to_vec(),
+        }
+    }
+
+    fn state(c: &Coordinator, job: &JobId) -> pb::JobState {
+        pb::JobState::try_from(c.status(job).expect("status").state).expect("state")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn generation_seals_at_max_at_once_with_hosts_adjacent() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let job = c.submit(config(&f, 2, 3)).expect("submit");
+        let a = join(&c, &job, "host-a", 1001);
+        let b = join(&c, &job, "host-b", 1002);
+        let a2 = join(&c, &job, "host-a", 1003);
+        assert_eq!(state(&c, &job), pb::JobState::Pending);
+        // b's rendezvous seals the generation (max reached) but must wait for rank 0's bootstrap offer.
+        let pending_b = {
+            let c = c.clone();
+            let b = b.clone();
+            tokio::spawn(async move { c.rendezvous(rdv(&b), Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(state(&c, &job), pb::JobState::Running);
+        let got_a = c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv").expect("sealed");
+        assert_eq!(got_a.rank, 0);
+        let got = pending_b.await.expect("task").expect("rdv").expect("ready once rank 0 offered");
+        assert_eq!(got.bootstrap, a.0.as_bytes(), "rank 0's offer reaches every member");
+        assert_eq!(got.generation, 1);
+        // Ranks: host-a's two workers first (host order by first arrival), then host-b.
+        let order: Vec<&str> = got.peers.iter().map(|p| p.worker_id.as_str()).collect();
+        assert_eq!(order, [a.0.as_str(), a2.0.as_str(), b.0.as_str()]);
+        assert_eq!(got.rank, 2);
+        // A running job refuses new workers; membership changes would need a new generation.
+        let late = c.join(Join {
+            job_id: Some(job.clone()),
+            host_id: "h".into(),
+            collective_addr: "127.0.0.1:9".into(),
+            device: "cpu".into(),
+            pid: 1,
+        });
+        assert!(matches!(late, Err(CoordError::Precondition(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn generation_seals_after_the_settle_window_with_min_workers() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let job = c.submit(config(&f, 1, 2)).expect("submit");
+        let a = join(&c, &job, "h", 1001);
+        let t0 = Instant::now();
+        let got = c.rendezvous(rdv(&a), Duration::from_secs(10)).await.expect("rdv").expect("sealed after settle");
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(1_000) && waited < Duration::from_millis(1_100), "{waited:?}");
+        assert_eq!((got.generation, got.rank, got.peers.len()), (1, 0, 1));
+        assert_eq!(got.bootstrap, a.0.as_bytes());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rendezvous_below_min_answers_not_ready_after_the_poll_window() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let job = c.submit(config(&f, 2, 2)).expect("submit");
+        let a = join(&c, &job, "h", 1001);
+        assert_eq!(c.rendezvous(rdv(&a), Duration::from_secs(3)).await.expect("rdv"), None);
+        // Full: a third worker is refused.
+        let _b = join(&c, &job, "h", 1002);
+        let full = c.join(Join {
+            job_id: Some(job.clone()),
+            host_id: "h".into(),
+            collective_addr: "127.0.0.1:1003".into(),
+            device: "cpu".into(),
+            pid: 1,
+        });
+        assert!(matches!(full, Err(CoordError::Full(_))));
+        // Two workers cannot share a collective address.
+        let f2 = fixture(20);
+        let job2 = c.submit(config(&f2, 2, 2)).expect("submit");
+        join(&c, &job2, "h", 2001);
+        let dup = c.join(Join {
+            job_id: Some(job2),
+            host_id: "h".into(),
+            collective_addr: "127.0.0.1:2001".into(),
+            device: "cpu".into(),
+            pid: 1,
+        });
+        assert!(matches!(dup, Err(CoordError::Precondition(_))));
+    }
+
+    async fn running_pair(c: &Coordinator, f: &Fixture) -> (JobId, WorkerId, WorkerId) {
+        let job = c.submit(config(f, 2, 2)).expect("submit");
+        let a = join(c, &job, "h", 1001);
+        let b = join(c, &job, "h", 1002);
+        c.rendezvous(rdv(&a), Duration::from_secs(1)).await.expect("rdv").expect("sealed");
+        (job, a, b)
+    }
+
+    fn fetch(c: &Coordinator, w: &WorkerId, generation: u64, step: u64) -> Result<pb::FetchWorkResponse, CoordError> {
+        c.fetch_work(FetchWork { call: WorkerCall { worker_id: w.clone(), generation }, step })
+    }
+
+    fn report(c: &Coordinator, w: &WorkerId, step: u64) -> Result<pb::ReportStepResponse, CoordError> {
+        let metrics = StepMetrics { step, loss_total: 1.0, samples_per_sec: 10.0, ..Default::default() };
+        c.report_step(ReportStep {
+            call: WorkerCall { worker_id: w.clone(), generation: 1 },
+            metrics,
+            checkpoint: None,
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steps_are_sliced_committed_by_all_ranks_and_the_job_completes() {
+        let f = fixture(12); // 12 samples, global batch 5: steps of 5, 5, 2 per epoch
+        let c = Coordinator::new();
+        let (job, a, b) = running_pair(&c, &f).await;
+        let wa = fetch(&c, &a, 1, 0).expect("work");
+        let wb = fetch(&c, &b, 1, 0).expect("work");
+        assert_eq!((wa.global_slot_begin, wa.global_slot_end), (0, 5));
+        assert_eq!((wa.local_slot_begin, wa.local_slot_end, wb.local_slot_begin, wb.local_slot_end), (0, 2, 2, 5));
+        assert_eq!(wa.samples.len() + wb.samples.len(), 5);
+        // Stale generation, out-of-window steps: refused.
+        assert!(matches!(fetch(&c, &a, 2, 0), Err(CoordError::Precondition(m)) if m.contains("stale generation")));
+        assert!(matches!(fetch(&c, &a, 1, 2), Err(CoordError::Precondition(_))));
+        // A step commits only when both ranks reported it.
+        assert_eq!(report(&c, &a, 0).expect("report").committed_steps, 0);
+        assert_eq!(report(&c, &b, 0).expect("report").committed_steps, 1);
+        for s in 1..4 {
+            let w = fetch(&c, &a, 1, s).expect("work");
+            if s == 2 {
+                assert_eq!((w.global_slot_begin, w.global_slot_end), (10, 12), "last step of the epoch is smaller");
+            }
+            if s == 3 {
+                assert_eq!((w.epoch, w.step_in_epoch), (1, 0));
+            }
+            report(&c, &a, s).expect("report");
+            report(&c, &b, s).expect("report");
+        }
+        assert_eq!(state(&c, &job), pb::JobState::Completed);
+        assert!(fetch(&c, &a, 1, 4).expect("done").done);
+        let st = c.status(&job).expect("status");
+        assert_eq!(st.committed_steps, 4);
+        assert_eq!(st.latest.expect("latest").samples_per_sec, 20.0, "throughput adds up across ranks");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_member_fails_the_job_naming_it() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let (job, a, b) = running_pair(&c, &f).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+        c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 0 }).expect("hb");
+        c.reap(Instant::now());
+        assert_eq!(state(&c, &job), pb::JobState::Running, "within the 15 s lease");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        c.reap(Instant::now());
+        let st = c.status(&job).expect("status");
+        assert_eq!(state(&c, &job), pb::JobState::Failed);
+        assert!(st.message.contains(&b.0) && st.message.contains("rank 1"), "{}", st.message);
+        // The survivor learns it must stop.
+        let hb = c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a, generation: 1 }, step: 0 }).expect("hb");
+        assert!(hb.stop);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_waiting_worker_is_dropped_before_the_generation_forms() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let job = c.submit(config(&f, 2, 2)).expect("submit");
+        let a = join(&c, &job, "h", 1001);
+        tokio::time::advance(Duration::from_secs(16)).await;
+        c.reap(Instant::now());
+        assert_eq!(state(&c, &job), pb::JobState::Pending);
+        assert!(c.status(&job).expect("status").workers.is_empty());
+        assert!(matches!(
+            c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a, generation: 0 }, step: 0 }),
+            Err(CoordError::NoWorker(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_workers_and_is_final() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let (job, a, _b) = running_pair(&c, &f).await;
+        assert_eq!(c.cancel(&job, "user said so").expect("cancel"), JobState::Cancelled);
+        let w = fetch(&c, &a, 1, 0).expect("answer");
+        assert!(w.done && w.message.contains("user said so"), "{}", w.message);
+        assert_eq!(c.cancel(&job, "again").expect("idempotent"), JobState::Cancelled);
+        assert!(matches!(c.status(&JobId("job-99".into())), Err(CoordError::NoJob(_))));
+    }
+
+    #[test]
+    fn submit_names_a_missing_manifest() {
+        let c = Coordinator::new();
+        let cfg = JobConfig::from_toml("[[data.datasets]]\nmanifest = \"/nonexistent/manifest.json\"\n").expect("cfg");
+        let err = c.submit(cfg).expect_err("missing manifest");
+        let status: tonic::Status = err.into();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("data.datasets[0].manifest"), "{}", status.message());
     }
 }

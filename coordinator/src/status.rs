@@ -31,7 +31,15 @@ pub fn render(s: &pb::JobStatus) -> String {
     let _ = writeln!(
         out,
         "  step {}/{}  epoch {}  generation {}  world {} (min {}, max {})  global batch {}  dataset {} samples",
-        s.committed_steps, s.total_steps, s.epoch, s.generation, s.world_size, s.min_workers, s.max_workers, s.global_batch, s.dataset_samples
+        s.committed_steps,
+        s.total_steps,
+        s.epoch,
+        s.generation,
+        s.world_size,
+        s.min_workers,
+        s.max_workers,
+        s.global_batch,
+        s.dataset_samples
     );
     if let Some(m) = &s.latest {
         let terms: Vec<String> = m.loss_terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();

@@ -79,25 +79,13 @@ fn encode_png(
 
 /// Encodes an 8-bit RGB PNG. The caller has checked `data.len()`.
 pub(crate) fn encode_rgb_png(img: &RgbImage) -> Result<Vec<u8>, png::EncodingError> {
-    encode_png(
-        img.width,
-        img.height,
-        png::ColorType::Rgb,
-        png::BitDepth::Eight,
-        &img.data,
-    )
+    encode_png(img.width, img.height, png::ColorType::Rgb, png::BitDepth::Eight, &img.data)
 }
 
 /// Encodes a 16-bit grayscale PNG (big-endian samples, as PNG requires).
 pub(crate) fn encode_depth_png(img: &DepthImage) -> Result<Vec<u8>, png::EncodingError> {
     let bytes: Vec<u8> = img.data.iter().flat_map(|v| v.to_be_bytes()).collect();
-    encode_png(
-        img.width,
-        img.height,
-        png::ColorType::Grayscale,
-        png::BitDepth::Sixteen,
-        &bytes,
-    )
+    encode_png(img.width, img.height, png::ColorType::Grayscale, png::BitDepth::Sixteen, &bytes)
 }
 
 fn describe(color: png::ColorType, depth: png::BitDepth) -> String {
@@ -128,9 +116,7 @@ fn decode_png(
 ) -> Result<(u32, u32, Vec<u8>), DataError> {
     let limits = png::Limits { bytes: 1 << 30 };
     let decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
-    let mut reader = decoder
-        .read_info()
-        .map_err(|e| ctx.corrupt_png(member, e))?;
+    let mut reader = decoder.read_info().map_err(|e| ctx.corrupt_png(member, e))?;
     let (width, height, color, depth) = {
         let info = reader.info();
         (info.width, info.height, info.color_type, info.bit_depth)
@@ -147,13 +133,9 @@ fn decode_png(
     if width == 0 || height == 0 || width > MAX_IMAGE_SIDE || height > MAX_IMAGE_SIDE {
         return Err(ctx.corrupt_png(member, format!("unsupported size {width}x{height}")));
     }
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| ctx.corrupt_png(member, "image too large"))?;
+    let size = reader.output_buffer_size().ok_or_else(|| ctx.corrupt_png(member, "image too large"))?;
     let mut buf = vec![0u8; size];
-    let out = reader
-        .next_frame(&mut buf)
-        .map_err(|e| ctx.corrupt_png(member, e))?;
+    let out = reader.next_frame(&mut buf).map_err(|e| ctx.corrupt_png(member, e))?;
     buf.truncate(out.buffer_size());
     Ok((width, height, buf))
 }
@@ -165,29 +147,18 @@ pub(crate) fn decode_rgb_png(bytes: &[u8], ctx: Ctx<'_>) -> Result<RgbImage, Dat
     if Some(data.len()) != RgbImage::expected_len(width, height) {
         return Err(ctx.corrupt_png(RGB_MEMBER, "decoded size does not match the header"));
     }
-    Ok(RgbImage {
-        width,
-        height,
-        data,
-    })
+    Ok(RgbImage { width, height, data })
 }
 
 /// Decodes `KEY.depth.png`: must be 16-bit grayscale (millimetres).
 pub(crate) fn decode_depth_png(bytes: &[u8], ctx: Ctx<'_>) -> Result<DepthImage, DataError> {
     let want = (png::ColorType::Grayscale, png::BitDepth::Sixteen);
     let (width, height, raw) = decode_png(bytes, ctx, DEPTH_MEMBER, want, "16-bit grayscale")?;
-    let data: Vec<u16> = raw
-        .chunks_exact(2)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]))
-        .collect();
+    let data: Vec<u16> = raw.chunks_exact(2).map(|b| u16::from_be_bytes([b[0], b[1]])).collect();
     if Some(data.len()) != DepthImage::expected_len(width, height) {
         return Err(ctx.corrupt_png(DEPTH_MEMBER, "decoded size does not match the header"));
     }
-    Ok(DepthImage {
-        width,
-        height,
-        data,
-    })
+    Ok(DepthImage { width, height, data })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,22 +175,13 @@ struct Kp2dJson {
 /// Encodes `{"layout":"mpii16","joints":[[x,y,v],...]}`. Coordinates must be finite (JSON has no
 /// NaN/inf); the writer checks that before calling.
 pub(crate) fn encode_kp2d(layout: KeypointLayout, joints: &[Joint]) -> Vec<u8> {
-    let doc = Kp2dJson {
-        layout,
-        joints: joints
-            .iter()
-            .map(|j| (j.x, j.y, u8::from(j.visible)))
-            .collect(),
-    };
+    let doc = Kp2dJson { layout, joints: joints.iter().map(|j| (j.x, j.y, u8::from(j.visible))).collect() };
     // Serialising plain numbers, strings and a unit enum into a Vec cannot fail.
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
 /// Decodes a `kp2d.json` member and checks the joint count against its layout.
-pub(crate) fn decode_kp2d(
-    bytes: &[u8],
-    ctx: Ctx<'_>,
-) -> Result<(KeypointLayout, Vec<Joint>), DataError> {
+pub(crate) fn decode_kp2d(bytes: &[u8], ctx: Ctx<'_>) -> Result<(KeypointLayout, Vec<Joint>), DataError> {
     let doc: Kp2dJson = serde_json::from_slice(bytes).map_err(|e| ctx.bad_json(KP2D_MEMBER, e))?;
     let expected = doc.layout.num_joints();
     if doc.joints.len() != expected {
@@ -234,19 +196,15 @@ pub(crate) fn decode_kp2d(
     let mut joints = Vec::with_capacity(expected);
     for (i, &(x, y, v)) in doc.joints.iter().enumerate() {
         if !x.is_finite() || !y.is_finite() {
-            return Err(ctx.field(
-                format!("kp2d.json joints[{i}]"),
-                "coordinates must be finite",
-            ));
+            return Err(ctx.field(format!("kp2d.json joints[{i}]"), "coordinates must be finite"));
         }
         let visible = match v {
             0 => false,
             1 => true,
             other => {
-                return Err(ctx.field(
-                    format!("kp2d.json joints[{i}][2]"),
-                    format!("visibility must be 0 or 1, found {other}"),
-                ));
+                return Err(
+                    ctx.field(format!("kp2d.json joints[{i}][2]"), format!("visibility must be 0 or 1, found {other}"))
+                );
             }
         };
         joints.push(Joint { x, y, visible });
@@ -268,11 +226,7 @@ pub(crate) struct MetaJson {
 }
 
 pub(crate) fn encode_meta(key: &str, has_depth: bool, source: &str) -> Vec<u8> {
-    let doc = MetaJson {
-        key: key.to_string(),
-        has_depth,
-        source: Some(source.to_string()),
-    };
+    let doc = MetaJson { key: key.to_string(), has_depth, source: Some(source.to_string()) };
     serde_json::to_vec(&doc).unwrap_or_default()
 }
 
@@ -286,45 +240,26 @@ mod tests {
     use proptest::prelude::*;
 
     fn ctx() -> Ctx<'static> {
-        Ctx {
-            shard: Path::new("s.tar"),
-            key: "k",
-        }
+        Ctx { shard: Path::new("s.tar"), key: "k" }
     }
 
     #[test]
     fn png_round_trip() {
-        let rgb = RgbImage {
-            width: 3,
-            height: 2,
-            data: (0..18).map(|v| v * 13).collect(),
-        };
+        let rgb = RgbImage { width: 3, height: 2, data: (0..18).map(|v| v * 13).collect() };
         let back = decode_rgb_png(&encode_rgb_png(&rgb).expect("encode"), ctx()).expect("decode");
         assert_eq!(back, rgb);
-        let depth = DepthImage {
-            width: 3,
-            height: 2,
-            data: vec![0, 1, 255, 256, 4500, u16::MAX],
-        };
-        let back =
-            decode_depth_png(&encode_depth_png(&depth).expect("encode"), ctx()).expect("decode");
+        let depth = DepthImage { width: 3, height: 2, data: vec![0, 1, 255, 256, 4500, u16::MAX] };
+        let back = decode_depth_png(&encode_depth_png(&depth).expect("encode"), ctx()).expect("decode");
         assert_eq!(back, depth);
     }
 
     #[test]
     fn png_wrong_kind_is_named() {
-        let rgb = RgbImage {
-            width: 2,
-            height: 2,
-            data: vec![7; 12],
-        };
+        let rgb = RgbImage { width: 2, height: 2, data: vec![7; 12] };
         let bytes = encode_rgb_png(&rgb).expect("encode");
         let err = decode_depth_png(&bytes, ctx()).expect_err("rgb is not depth");
         let msg = err.to_string();
-        assert!(
-            msg.contains("16-bit grayscale") && msg.contains("8-bit rgb"),
-            "{msg}"
-        );
+        assert!(msg.contains("16-bit grayscale") && msg.contains("8-bit rgb"), "{msg}");
     }
 
     #[test]
@@ -336,32 +271,20 @@ mod tests {
         doc.push_str("]}");
         let err = decode_kp2d(doc.as_bytes(), ctx()).expect_err("v = 2");
         assert!(err.to_string().contains("joints[0][2]"), "{err}");
-        let err = decode_kp2d(br#"{"layout":"coco13","joints":[],"extra":1}"#, ctx())
-            .expect_err("unknown field");
+        let err = decode_kp2d(br#"{"layout":"coco13","joints":[],"extra":1}"#, ctx()).expect_err("unknown field");
         assert!(err.to_string().contains("extra"), "{err}");
     }
 
     fn joints_strategy() -> impl Strategy<Value = (KeypointLayout, Vec<Joint>)> {
-        prop_oneof![Just(KeypointLayout::Mpii16), Just(KeypointLayout::Coco13)].prop_flat_map(
-            |layout| {
-                let joint = (
-                    prop_oneof![
-                        any::<f32>().prop_filter("finite", |v| v.is_finite()),
-                        -1e4f32..1e4
-                    ],
-                    prop_oneof![
-                        any::<f32>().prop_filter("finite", |v| v.is_finite()),
-                        -1e4f32..1e4
-                    ],
-                    any::<bool>(),
-                )
-                    .prop_map(|(x, y, visible)| Joint { x, y, visible });
-                (
-                    Just(layout),
-                    proptest::collection::vec(joint, layout.num_joints()),
-                )
-            },
-        )
+        prop_oneof![Just(KeypointLayout::Mpii16), Just(KeypointLayout::Coco13)].prop_flat_map(|layout| {
+            let joint = (
+                prop_oneof![any::<f32>().prop_filter("finite", |v| v.is_finite()), -1e4f32..1e4],
+                prop_oneof![any::<f32>().prop_filter("finite", |v| v.is_finite()), -1e4f32..1e4],
+                any::<bool>(),
+            )
+                .prop_map(|(x, y, visible)| Joint { x, y, visible });
+            (Just(layout), proptest::collection::vec(joint, layout.num_joints()))
+        })
     }
 
     proptest! {

@@ -20,123 +20,49 @@ pub enum DataError {
     },
 
     #[error("shard {shard}: sample {key}: truncated tar: {detail}")]
-    TruncatedTar {
-        shard: PathBuf,
-        key: String,
-        detail: String,
-    },
+    TruncatedTar { shard: PathBuf, key: String, detail: String },
 
     #[error("shard {shard}: malformed tar (last sample read: {key}): {detail}")]
-    MalformedTar {
-        shard: PathBuf,
-        key: String,
-        detail: String,
-    },
+    MalformedTar { shard: PathBuf, key: String, detail: String },
 
     #[error("shard {shard}: sample {key}: missing member {member}")]
-    MissingMember {
-        shard: PathBuf,
-        key: String,
-        member: String,
-    },
+    MissingMember { shard: PathBuf, key: String, member: String },
 
     #[error("shard {shard}: sample {key}: duplicate member {member}")]
-    DuplicateMember {
-        shard: PathBuf,
-        key: String,
-        member: String,
-    },
+    DuplicateMember { shard: PathBuf, key: String, member: String },
 
     #[error("shard {shard}: sample {key}: member {member}: corrupt png: {detail}")]
-    CorruptPng {
-        shard: PathBuf,
-        key: String,
-        member: String,
-        detail: String,
-    },
+    CorruptPng { shard: PathBuf, key: String, member: String, detail: String },
 
     #[error("shard {shard}: sample {key}: member {member}: expected {expected}, found {found}")]
-    PngFormat {
-        shard: PathBuf,
-        key: String,
-        member: String,
-        expected: &'static str,
-        found: String,
-    },
+    PngFormat { shard: PathBuf, key: String, member: String, expected: &'static str, found: String },
 
     #[error("shard {shard}: sample {key}: member {member}: invalid json: {detail}")]
-    BadJson {
-        shard: PathBuf,
-        key: String,
-        member: String,
-        detail: String,
-    },
+    BadJson { shard: PathBuf, key: String, member: String, detail: String },
 
-    #[error(
-        "shard {shard}: sample {key}: layout {layout} expects {expected} joints, found {found}"
-    )]
-    JointCount {
-        shard: PathBuf,
-        key: String,
-        layout: KeypointLayout,
-        expected: usize,
-        found: usize,
-    },
+    #[error("shard {shard}: sample {key}: layout {layout} expects {expected} joints, found {found}")]
+    JointCount { shard: PathBuf, key: String, layout: KeypointLayout, expected: usize, found: usize },
 
-    #[error(
-        "shard {shard}: sample {key}: rgb is {rgb_width}x{rgb_height} but depth is {depth_width}x{depth_height}"
-    )]
-    SizeMismatch {
-        shard: PathBuf,
-        key: String,
-        rgb_width: u32,
-        rgb_height: u32,
-        depth_width: u32,
-        depth_height: u32,
-    },
+    #[error("shard {shard}: sample {key}: rgb is {rgb_width}x{rgb_height} but depth is {depth_width}x{depth_height}")]
+    SizeMismatch { shard: PathBuf, key: String, rgb_width: u32, rgb_height: u32, depth_width: u32, depth_height: u32 },
 
     #[error("shard {shard}: sample {key}: field {field}: {detail}")]
-    SampleField {
-        shard: PathBuf,
-        key: String,
-        field: String,
-        detail: String,
-    },
+    SampleField { shard: PathBuf, key: String, field: String, detail: String },
 
     #[error("shard {shard}: sample index {index} out of range (shard holds {len} samples)")]
-    ShardIndex {
-        shard: PathBuf,
-        index: usize,
-        len: usize,
-    },
+    ShardIndex { shard: PathBuf, index: usize, len: usize },
 
     #[error("shard {shard}: manifest entry says {expected} samples, the shard holds {found}")]
-    ShardSampleCount {
-        shard: PathBuf,
-        expected: u64,
-        found: u64,
-    },
+    ShardSampleCount { shard: PathBuf, expected: u64, found: u64 },
 
     #[error("shard {shard}: sha256 mismatch: manifest says {expected}, file has {actual}")]
-    ChecksumMismatch {
-        shard: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    ChecksumMismatch { shard: PathBuf, expected: String, actual: String },
 
     #[error("cannot write sample {key:?}: field {field}: {detail}")]
-    InvalidSample {
-        key: String,
-        field: String,
-        detail: String,
-    },
+    InvalidSample { key: String, field: String, detail: String },
 
     #[error("manifest {path}: field {field}: {detail}")]
-    Manifest {
-        path: PathBuf,
-        field: String,
-        detail: String,
-    },
+    Manifest { path: PathBuf, field: String, detail: String },
 
     #[error("manifest {path}: {source}")]
     ManifestJson {
@@ -146,11 +72,7 @@ pub enum DataError {
     },
 
     #[error("dataset {manifest}: sample index {index} out of range (dataset holds {len} samples)")]
-    IndexOutOfRange {
-        manifest: PathBuf,
-        index: u64,
-        len: u64,
-    },
+    IndexOutOfRange { manifest: PathBuf, index: u64, len: u64 },
 
     #[error("synth config: field {field}: {detail}")]
     SynthConfig { field: &'static str, detail: String },
@@ -161,9 +83,6 @@ pub enum DataError {
 
 impl DataError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        DataError::Io {
-            path: path.into(),
-            source,
-        }
+        DataError::Io { path: path.into(), source }
     }
 }

@@ -98,10 +98,7 @@ impl KeypointLayout {
 
     /// Skeleton edges `(child, parent)`, i.e. every joint but the root with its parent.
     pub fn edges(self) -> impl Iterator<Item = (usize, usize)> {
-        self.parents()
-            .iter()
-            .enumerate()
-            .filter_map(|(j, &p)| usize::try_from(p).ok().map(|p| (j, p)))
+        self.parents().iter().enumerate().filter_map(|(j, &p)| usize::try_from(p).ok().map(|p| (j, p)))
     }
 
     /// The wire name (`"mpii16"` / `"coco13"`), as in manifests and `kp2d.json`.
@@ -175,11 +172,8 @@ pub fn normalize_keypoints(layout: KeypointLayout, joints: &[Joint]) -> Option<V
             .or_else(|| mean_of(&mut joints.iter().filter(|j| visible(j))))?
     };
 
-    let scale = joints
-        .iter()
-        .filter(|j| visible(j))
-        .map(|j| (j.x - ox).abs().max((j.y - oy).abs()))
-        .fold(0.0f32, f32::max);
+    let scale =
+        joints.iter().filter(|j| visible(j)).map(|j| (j.x - ox).abs().max((j.y - oy).abs())).fold(0.0f32, f32::max);
 
     let out = joints
         .iter()
@@ -241,16 +235,12 @@ mod tests {
             let back: KeypointLayout = serde_json::from_str(&json).expect("deserialize");
             assert_eq!(back, layout);
         }
-        let err = "mpii"
-            .parse::<KeypointLayout>()
-            .expect_err("unknown layout");
+        let err = "mpii".parse::<KeypointLayout>().expect_err("unknown layout");
         assert!(err.to_string().contains("mpii"), "{err}");
     }
 
     fn mpii_pose() -> Vec<Joint> {
-        (0..16)
-            .map(|i| joint(100.0 + 3.0 * i as f32, 50.0 - 2.0 * i as f32, true))
-            .collect()
+        (0..16).map(|i| joint(100.0 + 3.0 * i as f32, 50.0 - 2.0 * i as f32, true)).collect()
     }
 
     #[test]
@@ -262,10 +252,7 @@ mod tests {
         assert_eq!(out.len(), 16);
         assert_eq!(out[6], [0.0, 0.0], "root maps to the origin");
         assert_eq!(out[0], [0.0, 0.0], "invisible joints are zero");
-        let max = out
-            .iter()
-            .flat_map(|p| p.iter())
-            .fold(0.0f32, |m, v| m.max(v.abs()));
+        let max = out.iter().flat_map(|p| p.iter()).fold(0.0f32, |m, v| m.max(v.abs()));
         assert_eq!(max, 1.0);
         for p in &out {
             assert!(p[0].abs() <= 1.0 && p[1].abs() <= 1.0);
@@ -288,10 +275,7 @@ mod tests {
         }
         assert_eq!(normalize_keypoints(KeypointLayout::Mpii16, &joints), None);
         // wrong joint count for the layout
-        assert_eq!(
-            normalize_keypoints(KeypointLayout::Coco13, &mpii_pose()),
-            None
-        );
+        assert_eq!(normalize_keypoints(KeypointLayout::Coco13, &mpii_pose()), None);
     }
 
     #[test]

@@ -55,11 +55,8 @@ impl Manifest {
     pub fn load(path: impl AsRef<Path>) -> Result<Manifest, DataError> {
         let path = path.as_ref();
         let bytes = fs::read(path).map_err(|e| DataError::io(path, e))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|source| DataError::ManifestJson {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|source| DataError::ManifestJson { path: path.to_path_buf(), source })?;
         manifest.validate(path)?;
         Ok(manifest)
     }
@@ -69,11 +66,8 @@ impl Manifest {
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), DataError> {
         let path = path.as_ref();
         self.validate(path)?;
-        let mut json =
-            serde_json::to_vec_pretty(self).map_err(|source| DataError::ManifestJson {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let mut json = serde_json::to_vec_pretty(self)
+            .map_err(|source| DataError::ManifestJson { path: path.to_path_buf(), source })?;
         json.push(b'\n');
         let file_name = path.file_name().ok_or_else(|| DataError::Manifest {
             path: path.to_path_buf(),
@@ -101,26 +95,15 @@ impl Manifest {
 
     /// Checks the invariants `load` and `save` enforce; `path` is only used in error messages.
     pub fn validate(&self, path: &Path) -> Result<(), DataError> {
-        let err = |field: String, detail: String| DataError::Manifest {
-            path: path.to_path_buf(),
-            field,
-            detail,
-        };
+        let err = |field: String, detail: String| DataError::Manifest { path: path.to_path_buf(), field, detail };
         if self.format != MANIFEST_FORMAT {
-            return Err(err(
-                "format".into(),
-                format!("expected {MANIFEST_FORMAT:?}, found {:?}", self.format),
-            ));
+            return Err(err("format".into(), format!("expected {MANIFEST_FORMAT:?}, found {:?}", self.format)));
         }
         if self.name.trim().is_empty() {
             return Err(err("name".into(), "must not be empty".into()));
         }
         if self.image_width == 0 || self.image_height == 0 {
-            let field = if self.image_width == 0 {
-                "image_width"
-            } else {
-                "image_height"
-            };
+            let field = if self.image_width == 0 { "image_width" } else { "image_height" };
             return Err(err(field.into(), "must be positive".into()));
         }
         for (i, m) in self.modalities.iter().enumerate() {
@@ -131,18 +114,12 @@ impl Manifest {
                 ));
             }
             if self.modalities[..i].contains(m) {
-                return Err(err(
-                    format!("modalities[{i}]"),
-                    format!("{m:?} listed twice"),
-                ));
+                return Err(err(format!("modalities[{i}]"), format!("{m:?} listed twice")));
             }
         }
         for required in ["rgb", "kp2d"] {
             if !self.modalities.iter().any(|m| m == required) {
-                return Err(err(
-                    "modalities".into(),
-                    format!("must include {required:?}"),
-                ));
+                return Err(err("modalities".into(), format!("must include {required:?}")));
             }
         }
         if self.shards.is_empty() {
@@ -167,30 +144,19 @@ impl Manifest {
                     format!("{} exceeds the shard's {} samples", s.with_depth, s.samples),
                 ));
             }
-            if s.sha256.len() != 64
-                || !s
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
+            if s.sha256.len() != 64 || !s.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
                 return Err(err(
                     format!("shards[{i}].sha256"),
                     format!("expected 64 lowercase hex digits, found {:?}", s.sha256),
                 ));
             }
-            total = total.checked_add(s.samples).ok_or_else(|| {
-                err(
-                    format!("shards[{i}].samples"),
-                    "sample counts overflow".into(),
-                )
-            })?;
+            total = total
+                .checked_add(s.samples)
+                .ok_or_else(|| err(format!("shards[{i}].samples"), "sample counts overflow".into()))?;
             with_depth += s.with_depth;
         }
         if self.samples != total {
-            return Err(err(
-                "samples".into(),
-                format!("says {} but the shards hold {total}", self.samples),
-            ));
+            return Err(err("samples".into(), format!("says {} but the shards hold {total}", self.samples)));
         }
         if total == 0 {
             return Err(err("samples".into(), "dataset is empty".into()));
@@ -251,13 +217,7 @@ impl Dataset {
             next += entry.samples;
         }
         let readers = manifest.shards.iter().map(|_| OnceLock::new()).collect();
-        Ok(Dataset {
-            manifest_path,
-            manifest,
-            shard_paths,
-            starts,
-            readers,
-        })
+        Ok(Dataset { manifest_path, manifest, shard_paths, starts, readers })
     }
 
     /// The validated manifest.
@@ -291,10 +251,7 @@ impl Dataset {
             return None;
         }
         // The last shard starting at or before `index`; empty shards share a start and are skipped.
-        let shard = self
-            .starts
-            .partition_point(|&s| s <= index)
-            .checked_sub(1)?;
+        let shard = self.starts.partition_point(|&s| s <= index).checked_sub(1)?;
         let local = usize::try_from(index - self.starts[shard]).ok()?;
         Some((shard, local))
     }
@@ -342,13 +299,11 @@ impl Dataset {
     /// Reads sample `index` (global, manifest order). Checks the sample's layout and image size
     /// against the manifest.
     pub fn get(&self, index: u64) -> Result<Sample, DataError> {
-        let (shard, local) = self
-            .locate(index)
-            .ok_or_else(|| DataError::IndexOutOfRange {
-                manifest: self.manifest_path.clone(),
-                index,
-                len: self.len(),
-            })?;
+        let (shard, local) = self.locate(index).ok_or_else(|| DataError::IndexOutOfRange {
+            manifest: self.manifest_path.clone(),
+            index,
+            len: self.len(),
+        })?;
         let reader = self.shard(shard)?;
         let sample = reader.read(local)?;
         let field_err = |field: &str, detail: String| DataError::SampleField {
@@ -360,20 +315,14 @@ impl Dataset {
         if sample.layout != self.manifest.layout {
             return Err(field_err(
                 "kp2d.json layout",
-                format!(
-                    "{} but the manifest says {}",
-                    sample.layout, self.manifest.layout
-                ),
+                format!("{} but the manifest says {}", sample.layout, self.manifest.layout),
             ));
         }
         let (w, h) = (self.manifest.image_width, self.manifest.image_height);
         if (sample.rgb.width, sample.rgb.height) != (w, h) {
             return Err(field_err(
                 "rgb.png size",
-                format!(
-                    "{}x{} but the manifest says {w}x{h}",
-                    sample.rgb.width, sample.rgb.height
-                ),
+                format!("{}x{} but the manifest says {w}x{h}", sample.rgb.width, sample.rgb.height),
             ));
         }
         Ok(sample)
@@ -412,18 +361,8 @@ mod tests {
             modalities: vec!["rgb".into(), "depth".into(), "kp2d".into()],
             samples: 5,
             shards: vec![
-                ShardEntry {
-                    path: "a.tar".into(),
-                    samples: 2,
-                    with_depth: 1,
-                    sha256: "0".repeat(64),
-                },
-                ShardEntry {
-                    path: "b.tar".into(),
-                    samples: 3,
-                    with_depth: 0,
-                    sha256: "a".repeat(64),
-                },
+                ShardEntry { path: "a.tar".into(), samples: 2, with_depth: 1, sha256: "0".repeat(64) },
+                ShardEntry { path: "b.tar".into(), samples: 3, with_depth: 0, sha256: "a".repeat(64) },
             ],
         }
     }
@@ -433,10 +372,7 @@ mod tests {
         fs::write(&path, json).expect("write");
         let err = Manifest::load(&path).expect_err(field);
         let msg = err.to_string();
-        assert!(
-            msg.contains(&path.display().to_string()),
-            "no path in: {msg}"
-        );
+        assert!(msg.contains(&path.display().to_string()), "no path in: {msg}");
         assert!(msg.contains(field), "no field {field} in: {msg}");
     }
 
@@ -448,11 +384,7 @@ mod tests {
         m.save(&path).expect("save");
         assert_eq!(Manifest::load(&path).expect("load"), m);
         // no temp file left behind
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .expect("dir")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
+        let names: Vec<_> = fs::read_dir(dir.path()).expect("dir").flatten().map(|e| e.file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("manifest.json")]);
         assert_eq!(m.with_depth(), 1);
     }
@@ -509,24 +441,10 @@ mod tests {
     fn tiny(key: &str, depth: bool) -> Sample {
         Sample {
             key: key.into(),
-            rgb: RgbImage {
-                width: 4,
-                height: 3,
-                data: vec![key.len() as u8; 36],
-            },
-            depth: depth.then(|| DepthImage {
-                width: 4,
-                height: 3,
-                data: vec![3000; 12],
-            }),
+            rgb: RgbImage { width: 4, height: 3, data: vec![key.len() as u8; 36] },
+            depth: depth.then(|| DepthImage { width: 4, height: 3, data: vec![3000; 12] }),
             layout: KeypointLayout::Coco13,
-            joints: (0..13)
-                .map(|i| Joint {
-                    x: i as f32,
-                    y: 1.0,
-                    visible: true,
-                })
-                .collect(),
+            joints: (0..13).map(|i| Joint { x: i as f32, y: 1.0, visible: true }).collect(),
         }
     }
 
@@ -538,17 +456,11 @@ mod tests {
             let name = format!("shard-{i:05}.tar");
             let mut w = ShardWriter::create(dir.join(&name)).expect("create");
             for _ in 0..n {
-                w.append(&tiny(&format!("k{g:04}"), g % 3 == 0))
-                    .expect("append");
+                w.append(&tiny(&format!("k{g:04}"), g % 3 == 0)).expect("append");
                 g += 1;
             }
             let s = w.finish().expect("finish");
-            shards.push(ShardEntry {
-                path: name,
-                samples: s.samples,
-                with_depth: s.with_depth,
-                sha256: s.sha256,
-            });
+            shards.push(ShardEntry { path: name, samples: s.samples, with_depth: s.with_depth, sha256: s.sha256 });
         }
         let m = Manifest {
             format: MANIFEST_FORMAT.into(),
@@ -581,17 +493,7 @@ mod tests {
             assert_eq!(s, tiny(&format!("k{g:04}"), g % 3 == 0));
         }
         let err = ds.get(8).expect_err("out of range");
-        assert!(
-            matches!(
-                err,
-                DataError::IndexOutOfRange {
-                    index: 8,
-                    len: 8,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, DataError::IndexOutOfRange { index: 8, len: 8, .. }), "{err}");
         ds.verify().expect("untouched shards verify");
     }
 
@@ -619,17 +521,7 @@ mod tests {
         m.save(&path).expect("save");
         let ds = Dataset::open(&path).expect("open");
         let err = ds.get(0).expect_err("count mismatch");
-        assert!(
-            matches!(
-                err,
-                DataError::ShardSampleCount {
-                    expected: 1,
-                    found: 2,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, DataError::ShardSampleCount { expected: 1, found: 2, .. }), "{err}");
 
         fs::remove_file(dir.path().join("shard-00001.tar")).expect("rm");
         let err = Dataset::open(&path).expect_err("missing shard");

@@ -39,9 +39,7 @@ pub struct Sample {
 impl RgbImage {
     /// `width * height * 3`, or `None` on overflow.
     pub fn expected_len(width: u32, height: u32) -> Option<usize> {
-        (width as usize)
-            .checked_mul(height as usize)?
-            .checked_mul(3)
+        (width as usize).checked_mul(height as usize)?.checked_mul(3)
     }
 
     /// The RGB triple at `(x, y)`, or `None` outside the image (or for a malformed buffer).
@@ -66,9 +64,7 @@ impl DepthImage {
         if x >= self.width || y >= self.height {
             return None;
         }
-        self.data
-            .get(y as usize * self.width as usize + x as usize)
-            .copied()
+        self.data.get(y as usize * self.width as usize + x as usize).copied()
     }
 }
 
@@ -90,24 +86,12 @@ mod tests {
 
     #[test]
     fn pixel_access_is_bounds_checked() {
-        let rgb = RgbImage {
-            width: 2,
-            height: 1,
-            data: vec![1, 2, 3, 4, 5, 6],
-        };
+        let rgb = RgbImage { width: 2, height: 1, data: vec![1, 2, 3, 4, 5, 6] };
         assert_eq!(rgb.pixel(1, 0), Some([4, 5, 6]));
         assert_eq!(rgb.pixel(2, 0), None);
-        let short = RgbImage {
-            width: 2,
-            height: 2,
-            data: vec![0; 6],
-        };
+        let short = RgbImage { width: 2, height: 2, data: vec![0; 6] };
         assert_eq!(short.pixel(1, 1), None);
-        let depth = DepthImage {
-            width: 2,
-            height: 1,
-            data: vec![0, 2500],
-        };
+        let depth = DepthImage { width: 2, height: 1, data: vec![0, 2500] };
         assert_eq!(depth.at(1, 0), Some(2500));
         assert_eq!(depth.at(0, 1), None);
     }

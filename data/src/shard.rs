@@ -18,8 +18,8 @@ use std::sync::{Mutex, PoisonError};
 use sha2::{Digest, Sha256};
 
 use crate::codec::{
-    self, Ctx, DEPTH_MEMBER, KP2D_MEMBER, META_MEMBER, RGB_MEMBER, decode_depth_png, decode_kp2d,
-    decode_meta, decode_rgb_png,
+    self, Ctx, DEPTH_MEMBER, KP2D_MEMBER, META_MEMBER, RGB_MEMBER, decode_depth_png, decode_kp2d, decode_meta,
+    decode_rgb_png,
 };
 use crate::error::DataError;
 use crate::sample::{DepthImage, RgbImage, Sample};
@@ -45,18 +45,10 @@ pub fn validate_key(key: &str) -> Result<(), String> {
         return Err("key is empty".into());
     }
     if key.len() > MAX_KEY_LEN {
-        return Err(format!(
-            "key is {} bytes, at most {MAX_KEY_LEN} allowed",
-            key.len()
-        ));
+        return Err(format!("key is {} bytes, at most {MAX_KEY_LEN} allowed", key.len()));
     }
-    if let Some(c) = key
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/')))
-    {
-        return Err(format!(
-            "key contains {c:?}; allowed: ascii letters, digits, '-', '_', '/'"
-        ));
+    if let Some(c) = key.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'))) {
+        return Err(format!("key contains {c:?}; allowed: ascii letters, digits, '-', '_', '/'"));
     }
     if key.starts_with('/') || key.ends_with('/') || key.contains("//") {
         return Err("'/' may not lead, trail or repeat in a key".into());
@@ -112,10 +104,7 @@ impl ShardWriter {
     pub fn create(path: impl AsRef<Path>) -> Result<ShardWriter, DataError> {
         let path = path.as_ref().to_path_buf();
         let file = File::create(&path).map_err(|e| DataError::io(&path, e))?;
-        let writer = HashingWriter {
-            inner: BufWriter::new(file),
-            hasher: Sha256::new(),
-        };
+        let writer = HashingWriter { inner: BufWriter::new(file), hasher: Sha256::new() };
         let mut builder = tar::Builder::new(writer);
         builder.mode(tar::HeaderMode::Deterministic);
         Ok(ShardWriter {
@@ -156,12 +145,11 @@ impl ShardWriter {
             return Err(invalid(&sample.key, "key", "duplicate key in this shard"));
         }
         let key = &sample.key;
-        let rgb = codec::encode_rgb_png(&sample.rgb)
-            .map_err(|e| invalid(key, "rgb", format!("png encoding failed: {e}")))?;
+        let rgb =
+            codec::encode_rgb_png(&sample.rgb).map_err(|e| invalid(key, "rgb", format!("png encoding failed: {e}")))?;
         let depth = match &sample.depth {
             Some(d) => Some(
-                codec::encode_depth_png(d)
-                    .map_err(|e| invalid(key, "depth", format!("png encoding failed: {e}")))?,
+                codec::encode_depth_png(d).map_err(|e| invalid(key, "depth", format!("png encoding failed: {e}")))?,
             ),
             None => None,
         };
@@ -189,40 +177,22 @@ impl ShardWriter {
         header.set_uid(0);
         header.set_gid(0);
         header.set_size(data.len() as u64);
-        self.builder
-            .append_data(&mut header, format!("{key}.{suffix}"), data)
-            .map_err(|e| DataError::io(&self.path, e))
+        self.builder.append_data(&mut header, format!("{key}.{suffix}"), data).map_err(|e| DataError::io(&self.path, e))
     }
 
     /// Writes the end-of-archive marker, flushes, and returns the counts and the file's SHA-256.
     pub fn finish(self) -> Result<ShardSummary, DataError> {
-        let ShardWriter {
-            path,
-            builder,
-            samples,
-            with_depth,
-            ..
-        } = self;
+        let ShardWriter { path, builder, samples, with_depth, .. } = self;
         let writer = builder.into_inner().map_err(|e| DataError::io(&path, e))?;
         let HashingWriter { inner, hasher } = writer;
-        let file = inner
-            .into_inner()
-            .map_err(|e| DataError::io(&path, e.into_error()))?;
+        let file = inner.into_inner().map_err(|e| DataError::io(&path, e.into_error()))?;
         file.sync_all().map_err(|e| DataError::io(&path, e))?;
-        Ok(ShardSummary {
-            samples,
-            with_depth,
-            sha256: hex::encode(hasher.finalize()),
-        })
+        Ok(ShardSummary { samples, with_depth, sha256: hex::encode(hasher.finalize()) })
     }
 }
 
 fn invalid(key: &str, field: &str, detail: impl Into<String>) -> DataError {
-    DataError::InvalidSample {
-        key: key.to_string(),
-        field: field.to_string(),
-        detail: detail.into(),
-    }
+    DataError::InvalidSample { key: key.to_string(), field: field.to_string(), detail: detail.into() }
 }
 
 /// The writer-side checks: everything a reader would reject is refused before it reaches the disk.
@@ -234,26 +204,14 @@ fn validate_sample(s: &Sample) -> Result<(), DataError> {
         return Err(invalid(key, "rgb", format!("unsupported size {w}x{h}")));
     }
     if Some(s.rgb.data.len()) != RgbImage::expected_len(w, h) {
-        return Err(invalid(
-            key,
-            "rgb.data",
-            format!("{} bytes, expected {w}x{h}x3", s.rgb.data.len()),
-        ));
+        return Err(invalid(key, "rgb.data", format!("{} bytes, expected {w}x{h}x3", s.rgb.data.len())));
     }
     if let Some(d) = &s.depth {
         if (d.width, d.height) != (w, h) {
-            return Err(invalid(
-                key,
-                "depth",
-                format!("depth is {}x{} but rgb is {w}x{h}", d.width, d.height),
-            ));
+            return Err(invalid(key, "depth", format!("depth is {}x{} but rgb is {w}x{h}", d.width, d.height)));
         }
         if Some(d.data.len()) != DepthImage::expected_len(w, h) {
-            return Err(invalid(
-                key,
-                "depth.data",
-                format!("{} values, expected {w}x{h}", d.data.len()),
-            ));
+            return Err(invalid(key, "depth.data", format!("{} values, expected {w}x{h}", d.data.len())));
         }
     }
     let expected = s.layout.num_joints();
@@ -261,23 +219,11 @@ fn validate_sample(s: &Sample) -> Result<(), DataError> {
         return Err(invalid(
             key,
             "joints",
-            format!(
-                "layout {} expects {expected} joints, found {}",
-                s.layout,
-                s.joints.len()
-            ),
+            format!("layout {} expects {expected} joints, found {}", s.layout, s.joints.len()),
         ));
     }
-    if let Some(i) = s
-        .joints
-        .iter()
-        .position(|j| !j.x.is_finite() || !j.y.is_finite())
-    {
-        return Err(invalid(
-            key,
-            &format!("joints[{i}]"),
-            "coordinates must be finite",
-        ));
+    if let Some(i) = s.joints.iter().position(|j| !j.x.is_finite() || !j.y.is_finite()) {
+        return Err(invalid(key, &format!("joints[{i}]"), "coordinates must be finite"));
     }
     Ok(())
 }
@@ -334,11 +280,7 @@ impl ShardReader {
         let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
         let file_len = file.metadata().map_err(|e| DataError::io(&path, e))?.len();
         let entries = scan(&path, &file, file_len)?;
-        Ok(ShardReader {
-            path,
-            file: Mutex::new(file),
-            entries,
-        })
+        Ok(ShardReader { path, file: Mutex::new(file), entries })
     }
 
     /// The shard's path.
@@ -384,10 +326,7 @@ impl ShardReader {
             len: self.entries.len(),
         })?;
         let key = entry.key.as_str();
-        let ctx = Ctx {
-            shard: &self.path,
-            key,
-        };
+        let ctx = Ctx { shard: &self.path, key };
         let missing = |member: &str| DataError::MissingMember {
             shard: self.path.clone(),
             key: key.to_string(),
@@ -430,10 +369,7 @@ impl ShardReader {
         if let Some(meta_b) = meta_b {
             let meta = decode_meta(&meta_b, ctx)?;
             if meta.key != key {
-                return Err(ctx.field(
-                    "meta.json key",
-                    format!("says {:?}, member names say {key:?}", meta.key),
-                ));
+                return Err(ctx.field("meta.json key", format!("says {:?}, member names say {key:?}", meta.key)));
             }
             if meta.has_depth != depth.is_some() {
                 return Err(ctx.field(
@@ -446,30 +382,17 @@ impl ShardReader {
                 ));
             }
         }
-        Ok(Sample {
-            key: key.to_string(),
-            rgb,
-            depth,
-            layout,
-            joints,
-        })
+        Ok(Sample { key: key.to_string(), rgb, depth, layout, joints })
     }
 
-    fn read_member(
-        &self,
-        file: &mut File,
-        key: &str,
-        suffix: &str,
-        m: Member,
-    ) -> Result<Vec<u8>, DataError> {
+    fn read_member(&self, file: &mut File, key: &str, suffix: &str, m: Member) -> Result<Vec<u8>, DataError> {
         let size = usize::try_from(m.size).map_err(|_| DataError::MalformedTar {
             shard: self.path.clone(),
             key: key.to_string(),
             detail: format!("member {key}.{suffix} is too large ({} bytes)", m.size),
         })?;
         let mut buf = vec![0u8; size];
-        file.seek(SeekFrom::Start(m.offset))
-            .map_err(|e| DataError::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(m.offset)).map_err(|e| DataError::io(&self.path, e))?;
         file.read_exact(&mut buf).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 DataError::TruncatedTar {
@@ -511,9 +434,7 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
     };
 
     let mut archive = tar::Archive::new(BufReader::new(file));
-    let iter = archive
-        .entries_with_seek()
-        .map_err(|e| tar_error(&last_key, end, e))?;
+    let iter = archive.entries_with_seek().map_err(|e| tar_error(&last_key, end, e))?;
     for item in iter {
         let entry = item.map_err(|e| tar_error(&last_key, end, e))?;
         let size = entry.size();
@@ -524,22 +445,15 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
             .to_str()
             .map(str::to_string)
             .ok_or_else(|| malformed(&last_key, "member name is not utf-8".into()))?;
-        let member_key = split_member(&name)
-            .map_or(name.as_str(), |(k, _)| k)
-            .to_string();
-        let data_end = offset.checked_add(size).ok_or_else(|| {
-            malformed(
-                &member_key,
-                format!("member {name} has an impossible size {size}"),
-            )
-        })?;
+        let member_key = split_member(&name).map_or(name.as_str(), |(k, _)| k).to_string();
+        let data_end = offset
+            .checked_add(size)
+            .ok_or_else(|| malformed(&member_key, format!("member {name} has an impossible size {size}")))?;
         if data_end > file_len {
             return Err(DataError::TruncatedTar {
                 shard: path.to_path_buf(),
                 key: member_key,
-                detail: format!(
-                    "member {name} needs bytes {offset}..{data_end} but the file has {file_len}"
-                ),
+                detail: format!("member {name} needs bytes {offset}..{data_end} but the file has {file_len}"),
             });
         }
         end = data_end.div_ceil(BLOCK) * BLOCK;
@@ -557,13 +471,7 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
         let idx = match by_key.get(key) {
             Some(&i) => i,
             None => {
-                entries.push(IndexEntry {
-                    key: key.to_string(),
-                    rgb: None,
-                    depth: None,
-                    kp2d: None,
-                    meta: None,
-                });
+                entries.push(IndexEntry { key: key.to_string(), rgb: None, depth: None, kp2d: None, meta: None });
                 by_key.insert(key.to_string(), entries.len() - 1);
                 entries.len() - 1
             }
@@ -591,9 +499,7 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
     let mut marker = [0u8; BLOCK as usize];
     let has_marker = end + BLOCK <= file_len && {
         let mut f = file;
-        f.seek(SeekFrom::Start(end)).is_ok()
-            && f.read_exact(&mut marker).is_ok()
-            && marker.iter().all(|&b| b == 0)
+        f.seek(SeekFrom::Start(end)).is_ok() && f.read_exact(&mut marker).is_ok() && marker.iter().all(|&b| b == 0)
     };
     if !has_marker {
         return Err(DataError::TruncatedTar {
@@ -604,10 +510,7 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
     }
 
     for e in &entries {
-        for (member, present) in [
-            (RGB_MEMBER, e.rgb.is_some()),
-            (KP2D_MEMBER, e.kp2d.is_some()),
-        ] {
+        for (member, present) in [(RGB_MEMBER, e.rgb.is_some()), (KP2D_MEMBER, e.kp2d.is_some())] {
             if !present {
                 return Err(DataError::MissingMember {
                     shard: path.to_path_buf(),
@@ -649,31 +552,17 @@ mod tests {
         let rgb = RgbImage {
             width: w,
             height: h,
-            data: (0..w * h * 3)
-                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-                .collect(),
+            data: (0..w * h * 3).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect(),
         };
         let depth = with_depth.then(|| DepthImage {
             width: w,
             height: h,
-            data: (0..w * h)
-                .map(|i| if i % 3 == 0 { 0 } else { 2000 + i as u16 * 17 })
-                .collect(),
+            data: (0..w * h).map(|i| if i % 3 == 0 { 0 } else { 2000 + i as u16 * 17 }).collect(),
         });
         let joints = (0..16)
-            .map(|i| Joint {
-                x: i as f32 * 0.25 + f32::from(seed),
-                y: -(i as f32),
-                visible: i % 4 != 1,
-            })
+            .map(|i| Joint { x: i as f32 * 0.25 + f32::from(seed), y: -(i as f32), visible: i % 4 != 1 })
             .collect();
-        Sample {
-            key: key.to_string(),
-            rgb,
-            depth,
-            layout: KeypointLayout::Mpii16,
-            joints,
-        }
+        Sample { key: key.to_string(), rgb, depth, layout: KeypointLayout::Mpii16, joints }
     }
 
     fn write(path: &Path, samples: &[Sample]) -> ShardSummary {
@@ -709,25 +598,13 @@ mod tests {
             assert_eq!(reader.has_depth(i), Some(samples[i].depth.is_some()));
         }
         let err = reader.read(7).expect_err("out of range");
-        assert!(
-            matches!(
-                err,
-                DataError::ShardIndex {
-                    index: 7,
-                    len: 7,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        assert!(matches!(err, DataError::ShardIndex { index: 7, len: 7, .. }), "{err}");
     }
 
     #[test]
     fn same_samples_give_identical_bytes() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let samples: Vec<Sample> = (0..3)
-            .map(|i| sample(&format!("k{i}"), i == 1, 1))
-            .collect();
+        let samples: Vec<Sample> = (0..3).map(|i| sample(&format!("k{i}"), i == 1, 1)).collect();
         let a = write(&dir.path().join("a.tar"), &samples);
         let b = write(&dir.path().join("b.tar"), &samples);
         assert_eq!(a, b);
@@ -739,10 +616,7 @@ mod tests {
         let mut w = ShardWriter::create(dir.path().join("x.tar")).expect("create");
         for bad in ["", "a.b", "/abs", "trail/", "sp ace", "a//b"] {
             let err = w.append(&sample(bad, false, 0)).expect_err(bad);
-            assert!(
-                matches!(err, DataError::InvalidSample { ref field, .. } if field == "key"),
-                "{err}"
-            );
+            assert!(matches!(err, DataError::InvalidSample { ref field, .. } if field == "key"), "{err}");
         }
         let mut s = sample("ok", true, 0);
         s.joints.pop();
@@ -757,8 +631,7 @@ mod tests {
         let mut s = sample("ok", false, 0);
         s.joints[3].x = f32::NAN;
         assert!(w.append(&s).is_err());
-        w.append(&sample("ok", false, 0))
-            .expect("valid sample after rejected ones");
+        w.append(&sample("ok", false, 0)).expect("valid sample after rejected ones");
         let err = w.append(&sample("ok", false, 0)).expect_err("duplicate");
         assert!(err.to_string().contains("duplicate"), "{err}");
         assert_eq!(w.finish().expect("finish").samples, 1);
@@ -772,54 +645,33 @@ mod tests {
             let mut h = tar::Header::new_ustar();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
-            b.append_data(&mut h, name, data.as_slice())
-                .expect("append");
+            b.append_data(&mut h, name, data.as_slice()).expect("append");
         }
         b.into_inner().expect("finish");
     }
 
     fn members_of(s: &Sample) -> Vec<(String, Vec<u8>)> {
-        let mut m = vec![(
-            format!("{}.rgb.png", s.key),
-            codec::encode_rgb_png(&s.rgb).expect("png"),
-        )];
+        let mut m = vec![(format!("{}.rgb.png", s.key), codec::encode_rgb_png(&s.rgb).expect("png"))];
         if let Some(d) = &s.depth {
-            m.push((
-                format!("{}.depth.png", s.key),
-                codec::encode_depth_png(d).expect("png"),
-            ));
+            m.push((format!("{}.depth.png", s.key), codec::encode_depth_png(d).expect("png")));
         }
-        m.push((
-            format!("{}.kp2d.json", s.key),
-            codec::encode_kp2d(s.layout, &s.joints),
-        ));
-        m.push((
-            format!("{}.meta.json", s.key),
-            codec::encode_meta(&s.key, s.depth.is_some(), "t"),
-        ));
+        m.push((format!("{}.kp2d.json", s.key), codec::encode_kp2d(s.layout, &s.joints)));
+        m.push((format!("{}.meta.json", s.key), codec::encode_meta(&s.key, s.depth.is_some(), "t")));
         m
     }
 
     fn assert_names(err: &DataError, shard: &Path, key: &str) {
         let msg = err.to_string();
-        assert!(
-            msg.contains(&shard.display().to_string()),
-            "no shard in: {msg}"
-        );
+        assert!(msg.contains(&shard.display().to_string()), "no shard in: {msg}");
         assert!(msg.contains(key), "no key {key} in: {msg}");
-        assert!(
-            msg.starts_with(|c: char| c.is_ascii_lowercase()),
-            "not lowercase: {msg}"
-        );
+        assert!(msg.starts_with(|c: char| c.is_ascii_lowercase()), "not lowercase: {msg}");
     }
 
     #[test]
     fn truncated_tar_names_shard_and_key() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("t.tar");
-        let samples: Vec<Sample> = (0..3)
-            .map(|i| sample(&format!("key{i}"), true, i))
-            .collect();
+        let samples: Vec<Sample> = (0..3).map(|i| sample(&format!("key{i}"), true, i)).collect();
         write(&path, &samples);
         let full = std::fs::read(&path).expect("read");
         // cut inside the last sample's payloads, at a member boundary, and inside a header
@@ -827,36 +679,25 @@ mod tests {
         assert_eq!(reader.len(), 3);
         let mut cuts = vec![full.len() - 1024, full.len() - 1100, full.len() - 2000];
         cuts.extend(
-            (1..full.len() / 512)
-                .map(|b| b * 512 + 100)
-                .filter(|&c| c > full.len() / 2 && c < full.len() - 1024),
+            (1..full.len() / 512).map(|b| b * 512 + 100).filter(|&c| c > full.len() / 2 && c < full.len() - 1024),
         );
         for cut in cuts {
             let p = dir.path().join(format!("cut{cut}.tar"));
             std::fs::write(&p, &full[..cut]).expect("write");
             let err = ShardReader::open(&p).expect_err("truncated");
             assert!(
-                matches!(
-                    err,
-                    DataError::TruncatedTar { .. } | DataError::MissingMember { .. }
-                ),
+                matches!(err, DataError::TruncatedTar { .. } | DataError::MissingMember { .. }),
                 "cut {cut}: {err}"
             );
             let msg = err.to_string();
             assert!(msg.contains(&p.display().to_string()), "{msg}");
-            assert!(
-                msg.contains("key1") || msg.contains("key2"),
-                "cut {cut}: {msg}"
-            );
+            assert!(msg.contains("key1") || msg.contains("key2"), "cut {cut}: {msg}");
         }
         // cut exactly before the end-of-archive marker
         let p = dir.path().join("nomarker.tar");
         std::fs::write(&p, &full[..full.len() - 1024]).expect("write");
         let err = ShardReader::open(&p).expect_err("no marker");
-        assert!(
-            matches!(err, DataError::TruncatedTar { ref key, .. } if key == "key2"),
-            "{err}"
-        );
+        assert!(matches!(err, DataError::TruncatedTar { ref key, .. } if key == "key2"), "{err}");
     }
 
     #[test]
@@ -884,14 +725,8 @@ mod tests {
         let mut members = members_of(&good);
         members[1].1 = b"definitely not a png".to_vec();
         raw_tar(&path, &members);
-        let err = ShardReader::open(&path)
-            .expect("open")
-            .read(0)
-            .expect_err("garbage depth");
-        assert!(
-            matches!(err, DataError::CorruptPng { ref member, .. } if member == "depth.png"),
-            "{err}"
-        );
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("garbage depth");
+        assert!(matches!(err, DataError::CorruptPng { ref member, .. } if member == "depth.png"), "{err}");
         assert_names(&err, &path, "good");
     }
 
@@ -912,10 +747,7 @@ mod tests {
         }
         members[1].1 = png8;
         raw_tar(&path, &members);
-        let err = ShardReader::open(&path)
-            .expect("open")
-            .read(0)
-            .expect_err("8-bit depth");
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("8-bit depth");
         assert!(matches!(err, DataError::PngFormat { .. }), "{err}");
         assert!(err.to_string().contains("8-bit grayscale"), "{err}");
         assert_names(&err, &path, "depth8");
@@ -927,42 +759,19 @@ mod tests {
         let path = dir.path().join("j.tar");
         let s = sample("joints13", false, 4);
         let mut members = members_of(&s);
-        let idx = members
-            .iter()
-            .position(|(n, _)| n.ends_with("kp2d.json"))
-            .expect("kp2d");
+        let idx = members.iter().position(|(n, _)| n.ends_with("kp2d.json")).expect("kp2d");
         members[idx].1 = codec::encode_kp2d(KeypointLayout::Coco13, &s.joints);
         raw_tar(&path, &members);
-        let err = ShardReader::open(&path)
-            .expect("open")
-            .read(0)
-            .expect_err("16 joints as coco13");
-        assert!(
-            matches!(
-                err,
-                DataError::JointCount {
-                    expected: 13,
-                    found: 16,
-                    ..
-                }
-            ),
-            "{err}"
-        );
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("16 joints as coco13");
+        assert!(matches!(err, DataError::JointCount { expected: 13, found: 16, .. }), "{err}");
         assert_names(&err, &path, "joints13");
 
         let s = sample("sizes", true, 5);
         let mut members = members_of(&s);
-        let small = DepthImage {
-            width: 2,
-            height: 2,
-            data: vec![1; 4],
-        };
+        let small = DepthImage { width: 2, height: 2, data: vec![1; 4] };
         members[1].1 = codec::encode_depth_png(&small).expect("png");
         raw_tar(&path, &members);
-        let err = ShardReader::open(&path)
-            .expect("open")
-            .read(0)
-            .expect_err("size mismatch");
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("size mismatch");
         assert!(matches!(err, DataError::SizeMismatch { .. }), "{err}");
         assert_names(&err, &path, "sizes");
     }
@@ -972,10 +781,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("m.tar");
         let s = sample("nokp", false, 6);
-        let members: Vec<_> = members_of(&s)
-            .into_iter()
-            .filter(|(n, _)| !n.ends_with("kp2d.json"))
-            .collect();
+        let members: Vec<_> = members_of(&s).into_iter().filter(|(n, _)| !n.ends_with("kp2d.json")).collect();
         raw_tar(&path, &members);
         let err = ShardReader::open(&path).expect_err("missing kp2d");
         assert!(matches!(err, DataError::MissingMember { .. }), "{err}");
@@ -983,10 +789,7 @@ mod tests {
         assert_names(&err, &path, "nokp");
 
         let s = sample("norgb", false, 6);
-        let members: Vec<_> = members_of(&s)
-            .into_iter()
-            .filter(|(n, _)| !n.ends_with("rgb.png"))
-            .collect();
+        let members: Vec<_> = members_of(&s).into_iter().filter(|(n, _)| !n.ends_with("rgb.png")).collect();
         raw_tar(&path, &members);
         let err = ShardReader::open(&path).expect_err("missing rgb");
         assert!(err.to_string().contains("norgb.rgb.png"), "{err}");
@@ -1009,10 +812,7 @@ mod tests {
         let last = members.len() - 1;
         members[last].1 = codec::encode_meta("m1", true, "t");
         raw_tar(&path, &members);
-        let err = ShardReader::open(&path)
-            .expect("open")
-            .read(0)
-            .expect_err("has_depth lies");
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("has_depth lies");
         assert!(err.to_string().contains("has_depth"), "{err}");
     }
 

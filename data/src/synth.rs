@@ -86,17 +86,11 @@ impl SynthConfig {
         if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&self.image_size) {
             return Err(bad(
                 "image_size",
-                format!(
-                    "{} is outside {MIN_IMAGE_SIZE}..={MAX_IMAGE_SIZE}",
-                    self.image_size
-                ),
+                format!("{} is outside {MIN_IMAGE_SIZE}..={MAX_IMAGE_SIZE}", self.image_size),
             ));
         }
         if !(0.0..=1.0).contains(&self.depth_fraction) {
-            return Err(bad(
-                "depth_fraction",
-                format!("{} is outside [0, 1]", self.depth_fraction),
-            ));
+            return Err(bad("depth_fraction", format!("{} is outside [0, 1]", self.depth_fraction)));
         }
         if self.shard_size == 0 {
             return Err(bad("shard_size", "must be at least 1".into()));
@@ -120,9 +114,7 @@ pub fn generate(cfg: &SynthConfig, out_dir: &Path) -> Result<Manifest, DataError
     cfg.validate()?;
     std::fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
     let n_shards = cfg.samples.div_ceil(cfg.shard_size);
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get() as u64)
-        .clamp(1, n_shards);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u64).clamp(1, n_shards);
 
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -139,10 +131,7 @@ pub fn generate(cfg: &SynthConfig, out_dir: &Path) -> Result<Manifest, DataError
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
                     }
-                    results
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push((k, r));
+                    results.lock().unwrap_or_else(|p| p.into_inner()).push((k, r));
                 }
             });
         }
@@ -183,12 +172,7 @@ fn write_shard(cfg: &SynthConfig, out_dir: &Path, k: u64) -> Result<ShardEntry, 
         writer.append(&synth_sample(cfg, index))?;
     }
     let summary = writer.finish()?;
-    Ok(ShardEntry {
-        path: name,
-        samples: summary.samples,
-        with_depth: summary.with_depth,
-        sha256: summary.sha256,
-    })
+    Ok(ShardEntry { path: name, samples: summary.samples, with_depth: summary.with_depth, sha256: summary.sha256 })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,23 +345,14 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
     let s: f32 = rng.random_range(0.85..1.15);
     let thick: f32 = rng.random_range(0.8..1.3);
     let mut len = |base: f32| base * s * rng.random_range(0.92..1.08);
-    let (hip_w, thigh, shin, torso, neck, head) = (
-        len(0.10),
-        len(0.43),
-        len(0.43),
-        len(0.50),
-        len(0.10),
-        len(0.22),
-    );
+    let (hip_w, thigh, shin, torso, neck, head) = (len(0.10), len(0.43), len(0.43), len(0.50), len(0.10), len(0.22));
     let (shoulder_w, upper_arm, forearm) = (len(0.18), len(0.29), len(0.26));
 
     // Torso frame: lean forward/back and sideways, twist about the spine.
     let lean_fwd: f32 = rng.random_range(-0.25..0.6);
     let lean_side: f32 = rng.random_range(-0.25..0.25);
     let twist: f32 = rng.random_range(-0.4..0.4);
-    let torso_frame = M3::rot_z(lean_side)
-        .mul(&M3::rot_x(-lean_fwd))
-        .mul(&M3::rot_y(twist));
+    let torso_frame = M3::rot_z(lean_side).mul(&M3::rot_x(-lean_fwd)).mul(&M3::rot_y(twist));
     let up = torso_frame.apply(v3(0.0, 1.0, 0.0));
     let left = torso_frame.apply(v3(1.0, 0.0, 0.0));
     let ident = M3::rot_y(0.0);
@@ -392,15 +367,9 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
     p[j::R_SHOULDER] = p[j::THORAX] - left * shoulder_w;
 
     // Legs: mostly standing, sometimes strongly flexed (sitting, kneeling, stepping).
-    for (hip, knee, ankle, side) in [
-        (j::L_HIP, j::L_KNEE, j::L_ANKLE, 1.0f32),
-        (j::R_HIP, j::R_KNEE, j::R_ANKLE, -1.0),
-    ] {
-        let flex: f32 = if rng.random_bool(0.6) {
-            rng.random_range(-0.4..0.4)
-        } else {
-            rng.random_range(-0.5..1.7)
-        };
+    for (hip, knee, ankle, side) in [(j::L_HIP, j::L_KNEE, j::L_ANKLE, 1.0f32), (j::R_HIP, j::R_KNEE, j::R_ANKLE, -1.0)]
+    {
+        let flex: f32 = if rng.random_bool(0.6) { rng.random_range(-0.4..0.4) } else { rng.random_range(-0.5..1.7) };
         let abd: f32 = rng.random_range(0.0..0.5);
         let bend: f32 = rng.random_range(0.0..2.0);
         p[knee] = p[hip] + limb_dir(&ident, flex, abd, side) * thigh;
@@ -408,10 +377,9 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
     }
 
     // Arms, in the torso frame.
-    for (shoulder, elbow, wrist, side) in [
-        (j::L_SHOULDER, j::L_ELBOW, j::L_WRIST, 1.0f32),
-        (j::R_SHOULDER, j::R_ELBOW, j::R_WRIST, -1.0),
-    ] {
+    for (shoulder, elbow, wrist, side) in
+        [(j::L_SHOULDER, j::L_ELBOW, j::L_WRIST, 1.0f32), (j::R_SHOULDER, j::R_ELBOW, j::R_WRIST, -1.0)]
+    {
         let flex: f32 = rng.random_range(-0.8..2.9);
         let abd: f32 = rng.random_range(0.0..1.6);
         let bend: f32 = rng.random_range(0.0..2.4);
@@ -433,33 +401,12 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
 
     // Colours: clothing and skin per sample, each part a small hue offset of its group.
     let skin_t: f32 = rng.random_range(0.0..1.0);
-    let skin_base = [
-        0.96 - 0.60 * skin_t,
-        0.80 - 0.58 * skin_t,
-        0.69 - 0.54 * skin_t,
-    ];
-    let shirt = (
-        rng.random_range(0.0..1.0f32),
-        rng.random_range(0.3..0.9f32),
-        rng.random_range(0.4..0.95f32),
-    );
-    let pants = (
-        rng.random_range(0.0..1.0f32),
-        rng.random_range(0.2..0.8f32),
-        rng.random_range(0.15..0.7f32),
-    );
-    let shoes = (
-        rng.random_range(0.0..1.0f32),
-        rng.random_range(0.0..0.5f32),
-        rng.random_range(0.05..0.4f32),
-    );
-    let mut jitter = |(h, sat, val): (f32, f32, f32)| {
-        hsv(
-            h + rng.random_range(-0.04..0.04),
-            sat,
-            val * rng.random_range(0.9..1.1),
-        )
-    };
+    let skin_base = [0.96 - 0.60 * skin_t, 0.80 - 0.58 * skin_t, 0.69 - 0.54 * skin_t];
+    let shirt = (rng.random_range(0.0..1.0f32), rng.random_range(0.3..0.9f32), rng.random_range(0.4..0.95f32));
+    let pants = (rng.random_range(0.0..1.0f32), rng.random_range(0.2..0.8f32), rng.random_range(0.15..0.7f32));
+    let shoes = (rng.random_range(0.0..1.0f32), rng.random_range(0.0..0.5f32), rng.random_range(0.05..0.4f32));
+    let mut jitter =
+        |(h, sat, val): (f32, f32, f32)| hsv(h + rng.random_range(-0.04..0.04), sat, val * rng.random_range(0.9..1.1));
     let skin = |k: f32| skin_base.map(|c| (c * k).clamp(0.0, 1.0));
 
     let mut joint_radius = [0.0f32; 16];
@@ -479,136 +426,32 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
         if let Some(jb) = jb {
             joint_radius[jb] = joint_radius[jb].max(rb);
         }
-        parts.push(Part {
-            a,
-            b,
-            ra,
-            rb,
-            colour,
-        });
+        parts.push(Part { a, b, ra, rb, colour });
     };
     let torso_c = jitter(shirt);
     let bar_c = jitter(shirt);
     let hips_c = jitter(pants);
-    add(
-        &mut parts,
-        Some(j::PELVIS),
-        Some(j::THORAX),
-        p[j::PELVIS],
-        p[j::THORAX],
-        0.14,
-        0.16,
-        torso_c,
-    );
-    add(
-        &mut parts,
-        Some(j::R_SHOULDER),
-        Some(j::L_SHOULDER),
-        p[j::R_SHOULDER],
-        p[j::L_SHOULDER],
-        0.065,
-        0.065,
-        bar_c,
-    );
-    add(
-        &mut parts,
-        Some(j::R_HIP),
-        Some(j::L_HIP),
-        p[j::R_HIP],
-        p[j::L_HIP],
-        0.09,
-        0.09,
-        hips_c,
-    );
-    add(
-        &mut parts,
-        Some(j::THORAX),
-        Some(j::UPPER_NECK),
-        p[j::THORAX],
-        p[j::UPPER_NECK],
-        0.05,
-        0.05,
-        skin(0.95),
-    );
-    parts.push(Part {
-        a: head_c,
-        b: head_c,
-        ra: head_r,
-        rb: head_r,
-        colour: skin(1.0),
-    });
-    for (hip, knee, ankle) in [
-        (j::L_HIP, j::L_KNEE, j::L_ANKLE),
-        (j::R_HIP, j::R_KNEE, j::R_ANKLE),
-    ] {
+    add(&mut parts, Some(j::PELVIS), Some(j::THORAX), p[j::PELVIS], p[j::THORAX], 0.14, 0.16, torso_c);
+    add(&mut parts, Some(j::R_SHOULDER), Some(j::L_SHOULDER), p[j::R_SHOULDER], p[j::L_SHOULDER], 0.065, 0.065, bar_c);
+    add(&mut parts, Some(j::R_HIP), Some(j::L_HIP), p[j::R_HIP], p[j::L_HIP], 0.09, 0.09, hips_c);
+    add(&mut parts, Some(j::THORAX), Some(j::UPPER_NECK), p[j::THORAX], p[j::UPPER_NECK], 0.05, 0.05, skin(0.95));
+    parts.push(Part { a: head_c, b: head_c, ra: head_r, rb: head_r, colour: skin(1.0) });
+    for (hip, knee, ankle) in [(j::L_HIP, j::L_KNEE, j::L_ANKLE), (j::R_HIP, j::R_KNEE, j::R_ANKLE)] {
         let thigh_c = jitter(pants);
         let shin_c = jitter(pants);
-        add(
-            &mut parts,
-            Some(hip),
-            Some(knee),
-            p[hip],
-            p[knee],
-            0.08,
-            0.06,
-            thigh_c,
-        );
-        add(
-            &mut parts,
-            Some(knee),
-            Some(ankle),
-            p[knee],
-            p[ankle],
-            0.055,
-            0.045,
-            shin_c,
-        );
+        add(&mut parts, Some(hip), Some(knee), p[hip], p[knee], 0.08, 0.06, thigh_c);
+        add(&mut parts, Some(knee), Some(ankle), p[knee], p[ankle], 0.055, 0.045, shin_c);
         // Foot: forward from the ankle, roughly horizontal.
         let toe = p[ankle] + v3(0.0, -0.03, -0.14) * s;
         let shoe_c = jitter(shoes);
-        add(
-            &mut parts,
-            Some(ankle),
-            None,
-            p[ankle],
-            toe,
-            0.04,
-            0.035,
-            shoe_c,
-        );
+        add(&mut parts, Some(ankle), None, p[ankle], toe, 0.04, 0.035, shoe_c);
     }
-    for (shoulder, elbow, wrist) in [
-        (j::L_SHOULDER, j::L_ELBOW, j::L_WRIST),
-        (j::R_SHOULDER, j::R_ELBOW, j::R_WRIST),
-    ] {
+    for (shoulder, elbow, wrist) in [(j::L_SHOULDER, j::L_ELBOW, j::L_WRIST), (j::R_SHOULDER, j::R_ELBOW, j::R_WRIST)] {
         let arm_c = jitter(shirt);
-        add(
-            &mut parts,
-            Some(shoulder),
-            Some(elbow),
-            p[shoulder],
-            p[elbow],
-            0.05,
-            0.042,
-            arm_c,
-        );
-        add(
-            &mut parts,
-            Some(elbow),
-            Some(wrist),
-            p[elbow],
-            p[wrist],
-            0.04,
-            0.032,
-            skin(0.9),
-        );
+        add(&mut parts, Some(shoulder), Some(elbow), p[shoulder], p[elbow], 0.05, 0.042, arm_c);
+        add(&mut parts, Some(elbow), Some(wrist), p[elbow], p[wrist], 0.04, 0.032, skin(0.9));
     }
-    Body {
-        joints: p,
-        joint_radius,
-        nose,
-        parts,
-    }
+    Body { joints: p, joint_radius, nose, parts }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -630,11 +473,7 @@ impl Camera {
     }
     /// Pixel coordinates (u right, v down) and depth in metres.
     fn project(&self, c: V3) -> (f32, f32, f32) {
-        (
-            self.cx + self.f * c.x / c.z,
-            self.cy - self.f * c.y / c.z,
-            c.z,
-        )
+        (self.cx + self.f * c.x / c.z, self.cy - self.f * c.y / c.z, c.z)
     }
 }
 
@@ -649,16 +488,8 @@ struct Frame {
 /// Fills the background: gradient, rectangles (some striped), limb-like distractor blobs.
 fn draw_background(frame: &mut Frame, rng: &mut ChaCha8Rng) {
     let n = frame.size as f32;
-    let c0 = hsv(
-        rng.random_range(0.0..1.0),
-        rng.random_range(0.0..0.7),
-        rng.random_range(0.2..0.95),
-    );
-    let c1 = hsv(
-        rng.random_range(0.0..1.0),
-        rng.random_range(0.0..0.7),
-        rng.random_range(0.2..0.95),
-    );
+    let c0 = hsv(rng.random_range(0.0..1.0), rng.random_range(0.0..0.7), rng.random_range(0.2..0.95));
+    let c1 = hsv(rng.random_range(0.0..1.0), rng.random_range(0.0..0.7), rng.random_range(0.2..0.95));
     let (ds, dc) = rng.random_range(0.0..std::f32::consts::TAU).sin_cos();
     for y in 0..frame.size {
         for x in 0..frame.size {
@@ -673,21 +504,9 @@ fn draw_background(frame: &mut Frame, rng: &mut ChaCha8Rng) {
         let h = (rng.random_range(0.08..0.6) * n).max(1.0) as usize;
         let x0 = rng.random_range(0..frame.size);
         let y0 = rng.random_range(0..frame.size);
-        let a = hsv(
-            rng.random_range(0.0..1.0),
-            rng.random_range(0.0..1.0),
-            rng.random_range(0.1..1.0),
-        );
-        let b = hsv(
-            rng.random_range(0.0..1.0),
-            rng.random_range(0.0..1.0),
-            rng.random_range(0.1..1.0),
-        );
-        let stripes: usize = if rng.random_bool(0.3) {
-            rng.random_range(1..5)
-        } else {
-            0
-        };
+        let a = hsv(rng.random_range(0.0..1.0), rng.random_range(0.0..1.0), rng.random_range(0.1..1.0));
+        let b = hsv(rng.random_range(0.0..1.0), rng.random_range(0.0..1.0), rng.random_range(0.1..1.0));
+        let stripes: usize = if rng.random_bool(0.3) { rng.random_range(1..5) } else { 0 };
         let vertical = rng.random_bool(0.5);
         for y in y0..(y0 + h).min(frame.size) {
             for x in x0..(x0 + w).min(frame.size) {
@@ -707,36 +526,19 @@ fn draw_background(frame: &mut Frame, rng: &mut ChaCha8Rng) {
     let blobs = rng.random_range(0..4);
     for _ in 0..blobs {
         let (ax, ay) = (rng.random_range(0.0..n), rng.random_range(0.0..n));
-        let (bx, by) = (
-            ax + rng.random_range(-0.3..0.3) * n,
-            ay + rng.random_range(-0.3..0.3) * n,
-        );
+        let (bx, by) = (ax + rng.random_range(-0.3..0.3) * n, ay + rng.random_range(-0.3..0.3) * n);
         let r = rng.random_range(0.015..0.06) * n;
-        let c = hsv(
-            rng.random_range(0.0..1.0),
-            rng.random_range(0.0..0.9),
-            rng.random_range(0.2..1.0),
-        );
-        raster_capsule(
-            frame.size,
-            (ax, ay, r),
-            (bx, by, r),
-            |i, _t, _q, _ox, _oy| {
-                frame.rgb[i] = c;
-            },
-        );
+        let c = hsv(rng.random_range(0.0..1.0), rng.random_range(0.0..0.9), rng.random_range(0.2..1.0));
+        raster_capsule(frame.size, (ax, ay, r), (bx, by, r), |i, _t, _q, _ox, _oy| {
+            frame.rgb[i] = c;
+        });
     }
 }
 
 /// Calls `f(pixel, t, q, off_x, off_y)` for every pixel centre inside the 2D capsule from `a` to
 /// `b` (each `(u, v, radius)` in pixels): `t` = position along the axis in [0, 1], `q` = distance
 /// from the axis over the local radius in [0, 1), `off` = offset from the axis over the radius.
-fn raster_capsule(
-    size: usize,
-    a: (f32, f32, f32),
-    b: (f32, f32, f32),
-    mut f: impl FnMut(usize, f32, f32, f32, f32),
-) {
+fn raster_capsule(size: usize, a: (f32, f32, f32), b: (f32, f32, f32), mut f: impl FnMut(usize, f32, f32, f32, f32)) {
     let (ua, va, ra) = a;
     let (ub, vb, rb) = b;
     let r_max = ra.max(rb);
@@ -753,11 +555,7 @@ fn raster_capsule(
         let py = y as f32 + 0.5;
         for x in x0 as usize..x1 as usize {
             let px = x as f32 + 0.5;
-            let t = if len2 > 1e-9 {
-                (((px - ua) * dx + (py - va) * dy) / len2).clamp(0.0, 1.0)
-            } else {
-                0.0
-            };
+            let t = if len2 > 1e-9 { (((px - ua) * dx + (py - va) * dy) / len2).clamp(0.0, 1.0) } else { 0.0 };
             let (ox, oy) = (px - (ua + t * dx), py - (va + t * dy));
             let r = ra + t * (rb - ra);
             let d2 = ox * ox + oy * oy;
@@ -780,22 +578,17 @@ fn draw_body(frame: &mut Frame, body: &Body, cam: &Camera) {
         let (ub, vb, zb) = cam.project(cam.to_camera(part.b));
         let (pra, prb) = (cam.f * part.ra / za, cam.f * part.rb / zb);
         let (zbuf, rgb) = (&mut frame.zbuf, &mut frame.rgb);
-        raster_capsule(
-            frame.size,
-            (ua, va, pra),
-            (ub, vb, prb),
-            |i, t, q, ox, oy| {
-                let bulge = (1.0 - q * q).max(0.0).sqrt();
-                let z = za + t * (zb - za) - (part.ra + t * (part.rb - part.ra)) * bulge;
-                if z < zbuf[i] {
-                    zbuf[i] = z;
-                    // Normal: (ox, oy) in the image plane, -bulge towards the camera.
-                    let lambert = (ox * light[0] + oy * light[1] - bulge * light[2]).max(0.0);
-                    let shade = 0.3 + 0.7 * lambert;
-                    rgb[i] = part.colour.map(|c| c * shade);
-                }
-            },
-        );
+        raster_capsule(frame.size, (ua, va, pra), (ub, vb, prb), |i, t, q, ox, oy| {
+            let bulge = (1.0 - q * q).max(0.0).sqrt();
+            let z = za + t * (zb - za) - (part.ra + t * (part.rb - part.ra)) * bulge;
+            if z < zbuf[i] {
+                zbuf[i] = z;
+                // Normal: (ox, oy) in the image plane, -bulge towards the camera.
+                let lambert = (ox * light[0] + oy * light[1] - bulge * light[2]).max(0.0);
+                let shade = 0.3 + 0.7 * lambert;
+                rgb[i] = part.colour.map(|c| c * shade);
+            }
+        });
     }
 }
 
@@ -812,25 +605,12 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
     let yaw = M3::rot_y(rng.random_range(0.0..std::f32::consts::TAU));
     let f = n * rng.random_range(0.9..1.7);
     let z = rng.random_range(3.0..3.4);
-    let (u0, v0) = (
-        n * rng.random_range(0.3..0.7),
-        n * rng.random_range(0.4..0.62),
-    );
+    let (u0, v0) = (n * rng.random_range(0.3..0.7), n * rng.random_range(0.4..0.62));
     let (cx, cy) = (n / 2.0, n / 2.0);
     let offset = v3((u0 - cx) * z / f, -(v0 - cy) * z / f, z);
-    let cam = Camera {
-        f,
-        cx,
-        cy,
-        yaw,
-        offset,
-    };
+    let cam = Camera { f, cx, cy, yaw, offset };
 
-    let mut frame = Frame {
-        size,
-        rgb: vec![[0.0; 3]; size * size],
-        zbuf: vec![f32::INFINITY; size * size],
-    };
+    let mut frame = Frame { size, rgb: vec![[0.0; 3]; size * size], zbuf: vec![f32::INFINITY; size * size] };
     draw_background(&mut frame, &mut rng);
     draw_body(&mut frame, &body, &cam);
 
@@ -843,24 +623,14 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
             let i = (v as usize).min(size - 1) * size + (u as usize).min(size - 1);
             frame.zbuf[i] >= zj - radius - tol
         };
-        Joint {
-            x: u,
-            y: v,
-            visible,
-        }
+        Joint { x: u, y: v, visible }
     };
     let joints: Vec<Joint> = match cfg.layout {
-        KeypointLayout::Mpii16 => (0..16)
-            .map(|k| joint_at(body.joints[k], body.joint_radius[k]))
-            .collect(),
+        KeypointLayout::Mpii16 => (0..16).map(|k| joint_at(body.joints[k], body.joint_radius[k])).collect(),
         KeypointLayout::Coco13 => COCO13_FROM_MPII
             .iter()
             .map(|&k| {
-                if k == usize::MAX {
-                    joint_at(body.nose, 0.0)
-                } else {
-                    joint_at(body.joints[k], body.joint_radius[k])
-                }
+                if k == usize::MAX { joint_at(body.nose, 0.0) } else { joint_at(body.joints[k], body.joint_radius[k]) }
             })
             .collect(),
     };
@@ -872,18 +642,10 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
     for px in &frame.rgb {
         for &c in px {
             let r = (noise.next() >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-            data.push(
-                (c * 255.0 + (r - 0.5) * 2.0 * amp)
-                    .round()
-                    .clamp(0.0, 255.0) as u8,
-            );
+            data.push((c * 255.0 + (r - 0.5) * 2.0 * amp).round().clamp(0.0, 255.0) as u8);
         }
     }
-    let rgb = RgbImage {
-        width: size as u32,
-        height: size as u32,
-        data,
-    };
+    let rgb = RgbImage { width: size as u32, height: size as u32, data };
     let depth = has_depth.then(|| DepthImage {
         width: size as u32,
         height: size as u32,
@@ -892,23 +654,14 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
             .iter()
             .map(|&z| {
                 if z.is_finite() {
-                    (z * 1000.0)
-                        .round()
-                        .clamp(f32::from(DEPTH_MIN_MM), f32::from(DEPTH_MAX_MM))
-                        as u16
+                    (z * 1000.0).round().clamp(f32::from(DEPTH_MIN_MM), f32::from(DEPTH_MAX_MM)) as u16
                 } else {
                     0
                 }
             })
             .collect(),
     });
-    Sample {
-        key: sample_key(index),
-        rgb,
-        depth,
-        layout: cfg.layout,
-        joints,
-    }
+    Sample { key: sample_key(index), rgb, depth, layout: cfg.layout, joints }
 }
 
 #[cfg(test)]
@@ -917,12 +670,7 @@ mod tests {
     use crate::manifest::Dataset;
 
     fn cfg(samples: u64, seed: u64) -> SynthConfig {
-        SynthConfig {
-            samples,
-            seed,
-            shard_size: 16,
-            ..SynthConfig::default()
-        }
+        SynthConfig { samples, seed, shard_size: 16, ..SynthConfig::default() }
     }
 
     #[test]
@@ -940,14 +688,7 @@ mod tests {
         }
         assert_ne!(a.shards[0].sha256, c.shards[0].sha256);
         // independent of shard_size
-        let d = generate(
-            &SynthConfig {
-                shard_size: 7,
-                ..cfg(40, 7)
-            },
-            &dir.path().join("d"),
-        )
-        .expect("d");
+        let d = generate(&SynthConfig { shard_size: 7, ..cfg(40, 7) }, &dir.path().join("d")).expect("d");
         let (da, dd) = (
             Dataset::open(dir.path().join("a/manifest.json")).expect("open a"),
             Dataset::open(dir.path().join("d/manifest.json")).expect("open d"),
@@ -960,34 +701,19 @@ mod tests {
 
     #[test]
     fn depth_fraction_is_honoured() {
-        let c = SynthConfig {
-            image_size: 16,
-            ..cfg(200, 3)
-        };
-        let with = (0..200)
-            .filter(|&i| synth_sample(&c, i).depth.is_some())
-            .count();
+        let c = SynthConfig { image_size: 16, ..cfg(200, 3) };
+        let with = (0..200).filter(|&i| synth_sample(&c, i).depth.is_some()).count();
         assert!((60..=140).contains(&with), "{with} of 200 with depth");
-        let none = SynthConfig {
-            depth_fraction: 0.0,
-            ..c.clone()
-        };
+        let none = SynthConfig { depth_fraction: 0.0, ..c.clone() };
         assert!((0..50).all(|i| synth_sample(&none, i).depth.is_none()));
-        let all = SynthConfig {
-            depth_fraction: 1.0,
-            ..c
-        };
+        let all = SynthConfig { depth_fraction: 1.0, ..c };
         assert!((0..50).all(|i| synth_sample(&all, i).depth.is_some()));
     }
 
     #[test]
     fn content_invariants() {
         for layout in KeypointLayout::ALL {
-            let c = SynthConfig {
-                layout,
-                depth_fraction: 1.0,
-                ..cfg(120, 11)
-            };
+            let c = SynthConfig { layout, depth_fraction: 1.0, ..cfg(120, 11) };
             let size = c.image_size as f32;
             let (mut visible, mut occluded, mut outside, mut fg_pixels) = (0, 0, 0, 0usize);
             for i in 0..c.samples {
@@ -997,10 +723,7 @@ mod tests {
                 let depth = s.depth.as_ref().expect("depth_fraction 1");
                 let mut fg = 0;
                 for &d in &depth.data {
-                    assert!(
-                        d == 0 || (DEPTH_MIN_MM..=DEPTH_MAX_MM).contains(&d),
-                        "depth {d}"
-                    );
+                    assert!(d == 0 || (DEPTH_MIN_MM..=DEPTH_MAX_MM).contains(&d), "depth {d}");
                     fg += usize::from(d > 0);
                 }
                 assert!(fg > 0, "sample {i} has no foreground");
@@ -1020,33 +743,18 @@ mod tests {
                 }
             }
             let total = c.samples as usize * layout.num_joints();
-            assert!(
-                occluded > total / 50,
-                "{layout}: only {occluded} of {total} joints occluded"
-            );
-            assert!(
-                visible > total / 2,
-                "{layout}: only {visible} of {total} joints visible"
-            );
-            assert!(
-                outside < total / 4,
-                "{layout}: {outside} of {total} joints outside"
-            );
+            assert!(occluded > total / 50, "{layout}: only {occluded} of {total} joints occluded");
+            assert!(visible > total / 2, "{layout}: only {visible} of {total} joints visible");
+            assert!(outside < total / 4, "{layout}: {outside} of {total} joints outside");
             let px = (c.image_size * c.image_size) as usize * c.samples as usize;
-            assert!(
-                fg_pixels > px / 20 && fg_pixels < px / 2,
-                "foreground share {fg_pixels}/{px}"
-            );
+            assert!(fg_pixels > px / 20 && fg_pixels < px / 2, "foreground share {fg_pixels}/{px}");
         }
     }
 
     #[test]
     fn background_is_cluttered() {
         // The background must not be separable by a colour threshold: its pixels span many values.
-        let c = SynthConfig {
-            depth_fraction: 1.0,
-            ..cfg(10, 5)
-        };
+        let c = SynthConfig { depth_fraction: 1.0, ..cfg(10, 5) };
         for i in 0..c.samples {
             let s = synth_sample(&c, i);
             let depth = s.depth.as_ref().expect("depth");
@@ -1059,27 +767,17 @@ mod tests {
                 .collect();
             lum.sort_unstable();
             lum.dedup();
-            assert!(
-                lum.len() > 40,
-                "sample {i}: only {} distinct background values",
-                lum.len()
-            );
+            assert!(lum.len() > 40, "sample {i}: only {} distinct background values", lum.len());
         }
     }
 
     #[test]
     fn generated_dataset_reads_back() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = SynthConfig {
-            layout: KeypointLayout::Coco13,
-            ..cfg(33, 2)
-        };
+        let c = SynthConfig { layout: KeypointLayout::Coco13, ..cfg(33, 2) };
         let m = generate(&c, dir.path()).expect("generate");
         assert_eq!(m.samples, 33);
-        assert_eq!(
-            m.shards.iter().map(|s| s.samples).collect::<Vec<_>>(),
-            vec![16, 16, 1]
-        );
+        assert_eq!(m.shards.iter().map(|s| s.samples).collect::<Vec<_>>(), vec![16, 16, 1]);
         assert_eq!(m.layout, KeypointLayout::Coco13);
         let ds = Dataset::open(dir.path().join("manifest.json")).expect("open");
         assert_eq!(ds.manifest(), &m);
@@ -1093,41 +791,11 @@ mod tests {
     fn config_is_validated() {
         let dir = tempfile::tempdir().expect("tempdir");
         for (bad, field) in [
-            (
-                SynthConfig {
-                    samples: 0,
-                    ..SynthConfig::default()
-                },
-                "samples",
-            ),
-            (
-                SynthConfig {
-                    image_size: 4,
-                    ..SynthConfig::default()
-                },
-                "image_size",
-            ),
-            (
-                SynthConfig {
-                    depth_fraction: 1.5,
-                    ..SynthConfig::default()
-                },
-                "depth_fraction",
-            ),
-            (
-                SynthConfig {
-                    depth_fraction: f32::NAN,
-                    ..SynthConfig::default()
-                },
-                "depth_fraction",
-            ),
-            (
-                SynthConfig {
-                    shard_size: 0,
-                    ..SynthConfig::default()
-                },
-                "shard_size",
-            ),
+            (SynthConfig { samples: 0, ..SynthConfig::default() }, "samples"),
+            (SynthConfig { image_size: 4, ..SynthConfig::default() }, "image_size"),
+            (SynthConfig { depth_fraction: 1.5, ..SynthConfig::default() }, "depth_fraction"),
+            (SynthConfig { depth_fraction: f32::NAN, ..SynthConfig::default() }, "depth_fraction"),
+            (SynthConfig { shard_size: 0, ..SynthConfig::default() }, "shard_size"),
         ] {
             let err = generate(&bad, dir.path()).expect_err(field);
             assert!(err.to_string().contains(field), "{err}");
@@ -1138,10 +806,7 @@ mod tests {
     #[test]
     #[ignore]
     fn speed() {
-        let c = SynthConfig {
-            samples: 2000,
-            ..SynthConfig::default()
-        };
+        let c = SynthConfig { samples: 2000, ..SynthConfig::default() };
         let t = std::time::Instant::now();
         let mut bytes = 0usize;
         for i in 0..c.samples {
@@ -1150,10 +815,7 @@ mod tests {
         let render = c.samples as f64 / t.elapsed().as_secs_f64();
         let dir = tempfile::tempdir().expect("tempdir");
         let t = std::time::Instant::now();
-        let one_thread = SynthConfig {
-            shard_size: c.samples,
-            ..c.clone()
-        };
+        let one_thread = SynthConfig { shard_size: c.samples, ..c.clone() };
         generate(&one_thread, dir.path()).expect("generate");
         let full = c.samples as f64 / t.elapsed().as_secs_f64();
         println!(

@@ -306,7 +306,10 @@ impl JobConfig {
             return Err(ConfigError::invalid("workers.max", format!("must be >= workers.min ({})", self.workers.min)));
         }
         if self.data.datasets.is_empty() {
-            return Err(ConfigError::invalid("data.datasets", "list at least one dataset ([[data.datasets]] manifest = \"...\")"));
+            return Err(ConfigError::invalid(
+                "data.datasets",
+                "list at least one dataset ([[data.datasets]] manifest = \"...\")",
+            ));
         }
         for (i, d) in self.data.datasets.iter().enumerate() {
             if d.manifest.trim().is_empty() {
@@ -318,17 +321,26 @@ impl JobConfig {
         }
         let m = &self.model;
         if m.backbone != "small" {
-            return Err(ConfigError::invalid("model.backbone", format!("unknown backbone {:?} (known: \"small\")", m.backbone)));
+            return Err(ConfigError::invalid(
+                "model.backbone",
+                format!("unknown backbone {:?} (known: \"small\")", m.backbone),
+            ));
         }
         if m.width == 0 || m.embed_dim == 0 || m.keypoint_hidden == 0 {
-            let key = if m.width == 0 { "model.width" } else if m.embed_dim == 0 { "model.embed_dim" } else { "model.keypoint_hidden" };
+            let key = if m.width == 0 {
+                "model.width"
+            } else if m.embed_dim == 0 {
+                "model.embed_dim"
+            } else {
+                "model.keypoint_hidden"
+            };
             return Err(ConfigError::invalid(key, "must be at least 1"));
         }
         if m.norm == Norm::Group {
             if m.groups == 0 {
                 return Err(ConfigError::invalid("model.groups", "must be at least 1"));
             }
-            if m.width % m.groups != 0 {
+            if !m.width.is_multiple_of(m.groups) {
                 return Err(ConfigError::invalid("model.groups", format!("must divide model.width ({})", m.width)));
             }
         }
@@ -336,7 +348,10 @@ impl JobConfig {
             return Err(ConfigError::invalid("loss.temperature", "must be a positive number"));
         }
         if self.loss.variant != "in_batch" {
-            return Err(ConfigError::invalid("loss.variant", format!("unknown variant {:?} (known: \"in_batch\")", self.loss.variant)));
+            return Err(ConfigError::invalid(
+                "loss.variant",
+                format!("unknown variant {:?} (known: \"in_batch\")", self.loss.variant),
+            ));
         }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
@@ -355,7 +370,10 @@ impl JobConfig {
             return Err(ConfigError::invalid("checkpoint.dir", "must not be empty"));
         }
         if self.collective.backend != "cpu" {
-            return Err(ConfigError::invalid("collective.backend", format!("unknown backend {:?} (known: \"cpu\")", self.collective.backend)));
+            return Err(ConfigError::invalid(
+                "collective.backend",
+                format!("unknown backend {:?} (known: \"cpu\")", self.collective.backend),
+            ));
         }
         if self.collective.timeout_ms == 0 {
             return Err(ConfigError::invalid("collective.timeout_ms", "must be at least 1"));

@@ -69,9 +69,8 @@ fn worker_id(value: &str) -> Result<WorkerId, FieldError> {
 
 /// `host:port` with a non-zero port; the host is a name or an IP literal (IPv6 in brackets).
 pub fn parse_host_port(field: &str, value: &str) -> Result<String, FieldError> {
-    let (host, port) = value
-        .rsplit_once(':')
-        .ok_or_else(|| FieldError::new(field, format!("{value:?} is not host:port")))?;
+    let (host, port) =
+        value.rsplit_once(':').ok_or_else(|| FieldError::new(field, format!("{value:?} is not host:port")))?;
     let port: u16 = port.parse().map_err(|_| FieldError::new(field, format!("{value:?} has no valid port")))?;
     if port == 0 {
         return Err(FieldError::new(field, format!("{value:?}: port 0 is not an address peers can reach")));
@@ -81,7 +80,10 @@ pub fn parse_host_port(field: &str, value: &str) -> Result<String, FieldError> {
         return Err(FieldError::new(field, format!("{value:?} has no host")));
     }
     if bare == "0.0.0.0" || bare == "::" {
-        return Err(FieldError::new(field, format!("{value:?}: an unspecified address is not reachable; pass --advertise-addr")));
+        return Err(FieldError::new(
+            field,
+            format!("{value:?}: an unspecified address is not reachable; pass --advertise-addr"),
+        ));
     }
     Ok(value.to_string())
 }
@@ -202,7 +204,10 @@ pub struct Heartbeat {
 impl TryFrom<pb::HeartbeatRequest> for Heartbeat {
     type Error = FieldError;
     fn try_from(r: pb::HeartbeatRequest) -> Result<Self, FieldError> {
-        Ok(Heartbeat { call: WorkerCall { worker_id: worker_id(&r.worker_id)?, generation: r.generation }, step: r.step })
+        Ok(Heartbeat {
+            call: WorkerCall { worker_id: worker_id(&r.worker_id)?, generation: r.generation },
+            step: r.step,
+        })
     }
 }
 
@@ -219,7 +224,10 @@ impl TryFrom<pb::FetchWorkRequest> for FetchWork {
         if r.generation == 0 {
             return Err(FieldError::new("generation", "must be the generation from Rendezvous (>= 1)"));
         }
-        Ok(FetchWork { call: WorkerCall { worker_id: worker_id(&r.worker_id)?, generation: r.generation }, step: r.step })
+        Ok(FetchWork {
+            call: WorkerCall { worker_id: worker_id(&r.worker_id)?, generation: r.generation },
+            step: r.step,
+        })
     }
 }
 
@@ -242,10 +250,18 @@ impl TryFrom<pb::StepMetrics> for StepMetrics {
     type Error = FieldError;
     fn try_from(m: pb::StepMetrics) -> Result<Self, FieldError> {
         let finite = |field: &str, v: f64| {
-            if v.is_finite() { Ok(v) } else { Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not finite"))) }
+            if v.is_finite() {
+                Ok(v)
+            } else {
+                Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not finite")))
+            }
         };
         let time = |field: &str, v: f64| {
-            if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not a non-negative number"))) }
+            if v.is_finite() && v >= 0.0 {
+                Ok(v)
+            } else {
+                Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not a non-negative number")))
+            }
         };
         let mut loss_terms = BTreeMap::new();
         for (k, v) in m.loss_terms {
@@ -361,7 +377,8 @@ mod tests {
 
     #[test]
     fn each_invalid_join_field_is_named() {
-        let cases: Vec<(fn(&mut pb::JoinRequest), &str)> = vec![
+        type Mutation = fn(&mut pb::JoinRequest);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|r| r.host_id = String::new(), "host_id"),
             (|r| r.host_id = "a b".into(), "host_id"),
             (|r| r.collective_addr = "nohost".into(), "collective_addr"),
@@ -389,7 +406,8 @@ mod tests {
             collective_bootstrap: vec![0; MAX_BOOTSTRAP_BYTES + 1],
         };
         assert_eq!(field_of(Rendezvous::try_from(rdv)), "collective_bootstrap");
-        let report = pb::ReportStepRequest { worker_id: "w-1".into(), generation: 1, metrics: None, checkpoint: String::new() };
+        let report =
+            pb::ReportStepRequest { worker_id: "w-1".into(), generation: 1, metrics: None, checkpoint: String::new() };
         assert_eq!(field_of(ReportStep::try_from(report)), "metrics");
         let nan = pb::ReportStepRequest {
             worker_id: "w-1".into(),
@@ -405,16 +423,31 @@ mod tests {
             checkpoint: String::new(),
         };
         assert_eq!(field_of(ReportStep::try_from(neg)), "metrics.step_ms");
-        let fail = pb::ReportFailureRequest { worker_id: "w-1".into(), generation: 1, step: 0, message: " ".into(), failed_rank: -1 };
+        let fail = pb::ReportFailureRequest {
+            worker_id: "w-1".into(),
+            generation: 1,
+            step: 0,
+            message: " ".into(),
+            failed_rank: -1,
+        };
         assert_eq!(field_of(ReportFailure::try_from(fail)), "message");
-        let fail = pb::ReportFailureRequest { worker_id: "w-1".into(), generation: 1, step: 0, message: "x".into(), failed_rank: -5 };
+        let fail = pb::ReportFailureRequest {
+            worker_id: "w-1".into(),
+            generation: 1,
+            step: 0,
+            message: "x".into(),
+            failed_rank: -5,
+        };
         assert_eq!(field_of(ReportFailure::try_from(fail)), "failed_rank");
     }
 
     #[test]
     fn each_invalid_job_request_field_is_named() {
         assert_eq!(field_of(JobRef::try_from(pb::GetJobRequest { job_id: String::new() })), "job_id");
-        assert_eq!(field_of(CancelJob::try_from(pb::CancelJobRequest { job_id: "a/b".into(), reason: String::new() })), "job_id");
+        assert_eq!(
+            field_of(CancelJob::try_from(pb::CancelJobRequest { job_id: "a/b".into(), reason: String::new() })),
+            "job_id"
+        );
         assert_eq!(field_of(SubmitJob::try_from(pb::SubmitJobRequest { spec_toml: String::new() })), "spec_toml");
         let e = SubmitJob::try_from(pb::SubmitJobRequest { spec_toml: "stepz = 1".into() }).expect_err("unknown key");
         assert_eq!(e.field, "spec_toml");

@@ -87,9 +87,14 @@ impl TestCoordinator {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                bail!("timed out after {limit:?} waiting on job {job}; last status:\n{}", hcmoco_coordinator::status::render(&s));
+                bail!(
+                    "timed out after {limit:?} waiting on job {job}; last status:\n{}",
+                    hcmoco_coordinator::status::render(&s)
+                );
             }
-            let _ = self.rt.block_on(async { tokio::time::timeout(left.min(Duration::from_millis(500)), rx.changed()).await });
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(left.min(Duration::from_millis(500)), rx.changed()).await });
         }
     }
 }
@@ -101,7 +106,10 @@ impl Drop for TestCoordinator {
 }
 
 pub fn is_terminal(s: &pb::JobStatus) -> bool {
-    matches!(pb::JobState::try_from(s.state), Ok(pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled))
+    matches!(
+        pb::JobState::try_from(s.state),
+        Ok(pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled)
+    )
 }
 
 pub fn state_of(s: &pb::JobStatus) -> pb::JobState {
@@ -110,7 +118,9 @@ pub fn state_of(s: &pb::JobStatus) -> pb::JobState {
 
 /// A small job on `manifest`: `workers` ranks, one torch thread each.
 pub fn small_job(manifest: &Path, out: &Path, workers: u32, steps: u64, global_batch: u64) -> JobConfig {
-    let mut cfg = JobConfig::from_toml(&format!("[[data.datasets]]\nmanifest = {:?}\n", manifest.display().to_string())).expect("base job");
+    let mut cfg =
+        JobConfig::from_toml(&format!("[[data.datasets]]\nmanifest = {:?}\n", manifest.display().to_string()))
+            .expect("base job");
     cfg.name = "itest".into();
     cfg.steps = steps;
     cfg.global_batch = global_batch;

@@ -16,22 +16,37 @@ fn status_shows_a_running_job() {
     let job = c.submit(small_job(&manifest, tmp.path(), 2, 100_000, 8));
     let _workers: Vec<WorkerProc> =
         (0..2).map(|i| WorkerProc::spawn(&c.url(), &job, tmp.path().join(format!("w{i}.log")), &[])).collect();
-    c.wait_until(&job, Duration::from_secs(120), |_| {}, |s| s.committed_steps >= 3 && s.workers.iter().all(|w| w.latest.is_some()))
-        .expect("job makes progress");
+    c.wait_until(
+        &job,
+        Duration::from_secs(120),
+        |_| {},
+        |s| s.committed_steps >= 3 && s.workers.iter().all(|w| w.latest.is_some()),
+    )
+    .expect("job makes progress");
 
-    let out = Command::new(bin("hcmoco")).args(["status", "--job", &job.0, "--coordinator", &c.addr.to_string()]).output().expect("run status");
+    let out = Command::new(bin("hcmoco"))
+        .args(["status", "--job", &job.0, "--coordinator", &c.addr.to_string()])
+        .output()
+        .expect("run status");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("job {} (itest): running", job.0)), "{text}");
     assert!(text.contains("generation 1") && text.contains("world 2"), "{text}");
     let step_line = text.lines().find(|l| l.trim_start().starts_with("step ")).expect("a step line");
-    let committed: u64 = step_line.trim_start()["step ".len()..].split('/').next().and_then(|n| n.parse().ok()).expect("step number");
+    let committed: u64 =
+        step_line.trim_start()["step ".len()..].split('/').next().and_then(|n| n.parse().ok()).expect("step number");
     assert!(committed >= 3, "{step_line}");
     assert!(text.contains("loss "), "{text}");
-    assert!(text.contains("step_ms") && text.contains("data_ms") && text.contains("compute_ms") && text.contains("comm_ms"), "{text}");
+    assert!(
+        text.contains("step_ms") && text.contains("data_ms") && text.contains("compute_ms") && text.contains("comm_ms"),
+        "{text}"
+    );
     // One row per rank with its progress, timings and loss.
     for rank in ["0", "1"] {
-        let row = text.lines().find(|l| l.split_whitespace().next() == Some(rank)).unwrap_or_else(|| panic!("no row for rank {rank}:\n{text}"));
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(rank))
+            .unwrap_or_else(|| panic!("no row for rank {rank}:\n{text}"));
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cols.len(), 10, "{row}");
         assert!(cols[4].parse::<u64>().expect("steps") >= 1, "{row}");
@@ -40,11 +55,17 @@ fn status_shows_a_running_job() {
         }
     }
     // The list view names the job too.
-    let out = Command::new(bin("hcmoco")).args(["status", "--coordinator", &c.addr.to_string()]).output().expect("run status");
+    let out = Command::new(bin("hcmoco"))
+        .args(["status", "--coordinator", &c.addr.to_string()])
+        .output()
+        .expect("run status");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&job.0));
 
     // Cancel: the workers stop and exit non-zero, the job says why.
-    let out = Command::new(bin("hcmoco")).args(["cancel", &job.0, "--coordinator", &c.addr.to_string()]).output().expect("cancel");
+    let out = Command::new(bin("hcmoco"))
+        .args(["cancel", &job.0, "--coordinator", &c.addr.to_string()])
+        .output()
+        .expect("cancel");
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
     let end = c.wait_until(&job, Duration::from_secs(30), |_| {}, is_terminal).expect("ends");
     assert_eq!(state_of(&end), pb::JobState::Cancelled);
@@ -65,7 +86,12 @@ fn malformed_job_files_name_the_key() {
     ] {
         let path = tmp.path().join("job.toml");
         std::fs::write(&path, &text).expect("write");
-        let out = Command::new(bin("hcmoco")).args(["submit"]).arg(&path).args(["--coordinator", &c.addr.to_string()]).output().expect("submit");
+        let out = Command::new(bin("hcmoco"))
+            .args(["submit"])
+            .arg(&path)
+            .args(["--coordinator", &c.addr.to_string()])
+            .output()
+            .expect("submit");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "accepted: {text}");
         assert!(err.contains(key) && err.contains("job.toml"), "error should name {key} and the file: {err}");
@@ -73,7 +99,12 @@ fn malformed_job_files_name_the_key() {
     // A dataset that does not exist is refused by the coordinator, naming the key.
     let path = tmp.path().join("job.toml");
     std::fs::write(&path, "[[data.datasets]]\nmanifest = \"missing/manifest.json\"\n").expect("write");
-    let out = Command::new(bin("hcmoco")).args(["submit"]).arg(&path).args(["--coordinator", &c.addr.to_string()]).output().expect("submit");
+    let out = Command::new(bin("hcmoco"))
+        .args(["submit"])
+        .arg(&path)
+        .args(["--coordinator", &c.addr.to_string()])
+        .output()
+        .expect("submit");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("data.datasets[0].manifest"), "{err}");
     // Straight over gRPC: InvalidArgument naming the key.
@@ -112,7 +143,11 @@ fn health_and_reflection_are_served() {
         let channel = tonic::transport::Endpoint::from_shared(c.url()).expect("uri").connect().await.expect("connect");
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         for service in ["hcmoco.v1.JobService", "hcmoco.v1.WorkerService"] {
-            let r = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.expect("check").into_inner();
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+                .await
+                .expect("check")
+                .into_inner();
             assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
         }
     });
@@ -125,7 +160,19 @@ fn launch_local_runs_to_completion() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out_dir = tmp.path().join("run");
     let out = Command::new(bin("hcmoco"))
-        .args(["launch", "--local", "--workers", "2", "--steps", "12", "--synth-samples", "48", "--synth-image-size", "32", "--out"])
+        .args([
+            "launch",
+            "--local",
+            "--workers",
+            "2",
+            "--steps",
+            "12",
+            "--synth-samples",
+            "48",
+            "--synth-image-size",
+            "32",
+            "--out",
+        ])
         .arg(&out_dir)
         .env("HCMOCO_WORKER_BIN", bin("hcmoco-worker"))
         .output()

@@ -29,11 +29,16 @@ fn two_workers_train_30_steps_and_stay_identical() {
 
     let mut losses = std::collections::BTreeMap::new();
     let end = c
-        .wait_until(&job, LIMIT, |s| {
-            if let Some(m) = &s.latest {
-                losses.insert(m.step, m.loss_total);
-            }
-        }, is_terminal)
+        .wait_until(
+            &job,
+            LIMIT,
+            |s| {
+                if let Some(m) = &s.latest {
+                    losses.insert(m.step, m.loss_total);
+                }
+            },
+            is_terminal,
+        )
         .expect("job ends");
     for w in &mut workers {
         let code = w.wait(Duration::from_secs(60)).expect("worker exits");
@@ -57,7 +62,8 @@ fn two_workers_train_30_steps_and_stay_identical() {
         assert!(ckpt.join(f).is_file(), "missing {f} in {}", ckpt.display());
     }
     assert!(tmp.path().join("checkpoints/step-00000010").is_dir());
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ckpt.join("meta.json")).expect("meta")).expect("json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("meta.json")).expect("meta")).expect("json");
     assert_eq!(meta["step"], 30);
     assert_eq!(meta["world_size"], 2);
 

@@ -49,7 +49,12 @@ pub enum BatchError {
 }
 
 /// Builds a batch of `kind` from decoded samples (possibly none).
-pub fn build(samples: &[Sample], layout: KeypointLayout, image_size: (u32, u32), kind: Kind) -> Result<Batch, BatchError> {
+pub fn build(
+    samples: &[Sample],
+    layout: KeypointLayout,
+    image_size: (u32, u32),
+    kind: Kind,
+) -> Result<Batch, BatchError> {
     let (w0, h0) = image_size;
     let (w, h) = (w0 as usize, h0 as usize);
     let joints = layout.num_joints();
@@ -78,7 +83,12 @@ pub fn build(samples: &[Sample], layout: KeypointLayout, image_size: (u32, u32),
                     return Err(BatchError::Size { key: s.key.clone(), w: d.width, h: d.height, w0, h0 });
                 }
                 if d.data.len() != h * w {
-                    return Err(BatchError::Length { key: s.key.clone(), what: "depth", got: d.data.len(), want: h * w });
+                    return Err(BatchError::Length {
+                        key: s.key.clone(),
+                        what: "depth",
+                        got: d.data.len(),
+                        want: h * w,
+                    });
                 }
                 let fg: Vec<f32> = d.data.iter().filter(|&&v| v > 0).map(|&v| f32::from(v) / 1000.0).collect();
                 let mean = if fg.is_empty() { 0.0 } else { fg.iter().sum::<f32>() / fg.len() as f32 };

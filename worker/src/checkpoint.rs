@@ -29,6 +29,9 @@ pub struct CheckpointMeta {
 
 pub const FORMAT: &str = "hcmoco-checkpoint/1";
 
+/// Named tensors, as stored in a safetensors file.
+pub type Named = Vec<(String, Tensor)>;
+
 fn fsync_dir(dir: &Path) {
     if let Ok(f) = std::fs::File::open(dir) {
         let _ = f.sync_all();
@@ -86,15 +89,17 @@ pub fn write(
 }
 
 /// Reads a checkpoint directory: metadata, model tensors, optimizer tensors.
-pub fn read(dir: &Path) -> anyhow::Result<(CheckpointMeta, Vec<(String, Tensor)>, Vec<(String, Tensor)>)> {
+pub fn read(dir: &Path) -> anyhow::Result<(CheckpointMeta, Named, Named)> {
     let meta_path = dir.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).with_context(|| format!("cannot read {}", meta_path.display()))?;
     let meta: CheckpointMeta = serde_json::from_str(&text).with_context(|| format!("bad {}", meta_path.display()))?;
     if meta.format != FORMAT {
         anyhow::bail!("{}: format {:?}, expected {FORMAT:?}", meta_path.display(), meta.format);
     }
-    let model = Tensor::read_safetensors(dir.join("model.safetensors")).with_context(|| format!("bad model weights in {}", dir.display()))?;
-    let opt = Tensor::read_safetensors(dir.join("optimizer.safetensors")).with_context(|| format!("bad optimizer state in {}", dir.display()))?;
+    let model = Tensor::read_safetensors(dir.join("model.safetensors"))
+        .with_context(|| format!("bad model weights in {}", dir.display()))?;
+    let opt = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
+        .with_context(|| format!("bad optimizer state in {}", dir.display()))?;
     Ok((meta, model, opt))
 }
 
@@ -131,7 +136,10 @@ mod tests {
         assert_eq!(m, meta);
         assert!(w[0].1.equal(&model[0].1) && o[0].1.equal(&opt[0].1));
         // No temporary leftovers.
-        let names: Vec<String> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name().to_string_lossy().into()).collect();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+            .collect();
         assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
         // A second checkpoint moves the pointer.
         let meta2 = CheckpointMeta { step: 6, ..meta };

@@ -86,7 +86,7 @@ pub fn sample_level_share(z: &[Tensor; 3], has: &[Vec<bool>; 3], local: Range<us
         let ce_sum = -logits.log_softmax(1, None::<Kind>).gather(1, &target, false).sum(None::<Kind>);
         let share = ce_sum / global_anchors as f64;
         terms[t] = share.double_value(&[]);
-        total = total + share;
+        total += share;
     }
     Share { total, terms, anchors }
 }
@@ -151,7 +151,9 @@ mod tests {
         let s = sample_level_share(&z, &has, 0..4, 0.5);
         let logits = normalize(&z[0]).mm(&normalize(&z[1]).transpose(0, 1)) / 0.5;
         // CE with target i for row i, in f64: mean of (logsumexp of the row - the diagonal logit).
-        let expected = (logits.logsumexp([1i64].as_slice(), false) - logits.diagonal(0, 0, 1)).mean(None::<Kind>).double_value(&[]);
+        let expected = (logits.logsumexp([1i64].as_slice(), false) - logits.diagonal(0, 0, 1))
+            .mean(None::<Kind>)
+            .double_value(&[]);
         assert!((s.terms[0] - expected).abs() < 1e-12, "{} vs {expected}", s.terms[0]);
         assert_eq!(s.anchors, [4; 6]);
     }

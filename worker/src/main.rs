@@ -74,21 +74,30 @@ fn host_name() -> String {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match Cli::parse().command {
-        Cmd::Run { coordinator, job, host_id, bind, advertise_addr, connect_timeout_secs, dump_state } => run(RunOptions {
-            coordinator,
-            job,
-            host_id: host_id.unwrap_or_else(host_name),
-            bind,
-            advertise_addr,
-            connect_timeout: Duration::from_secs_f64(connect_timeout_secs.max(0.0)),
-            dump_state,
-        })
-        .map(|s| eprintln!("worker {} (rank {}) done: job {} at step {}, last loss {:?}", s.worker_id, s.rank, s.job_id, s.steps, s.last_loss)),
+        Cmd::Run { coordinator, job, host_id, bind, advertise_addr, connect_timeout_secs, dump_state } => {
+            run(RunOptions {
+                coordinator,
+                job,
+                host_id: host_id.unwrap_or_else(host_name),
+                bind,
+                advertise_addr,
+                connect_timeout: Duration::from_secs_f64(connect_timeout_secs.max(0.0)),
+                dump_state,
+            })
+            .map(|s| {
+                eprintln!(
+                    "worker {} (rank {}) done: job {} at step {}, last loss {:?}",
+                    s.worker_id, s.rank, s.job_id, s.steps, s.last_loss
+                )
+            })
+        }
         Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction } } => {
-            let cfg = hcmoco_data::SynthConfig { samples, image_size: size, seed, depth_fraction, ..Default::default() };
+            let cfg =
+                hcmoco_data::SynthConfig { samples, image_size: size, seed, depth_fraction, ..Default::default() };
             hcmoco_data::generate(&cfg, &out)
                 .map(|m| println!("wrote {} samples in {} shards to {}", m.samples, m.shards.len(), out.display()))
                 .map_err(anyhow::Error::from)

@@ -22,7 +22,11 @@ enum NormLayer {
 impl NormLayer {
     fn new(p: nn::Path, cfg: &ModelConfig, channels: i64) -> NormLayer {
         match cfg.norm {
-            Norm::Batch => NormLayer::Batch(nn::batch_norm2d(p, channels, nn::BatchNormConfig { momentum: BN_MOMENTUM, ..Default::default() })),
+            Norm::Batch => NormLayer::Batch(nn::batch_norm2d(
+                p,
+                channels,
+                nn::BatchNormConfig { momentum: BN_MOMENTUM, ..Default::default() },
+            )),
             Norm::Group => NormLayer::Group(nn::group_norm(p, i64::from(cfg.groups), channels, Default::default())),
             Norm::None => NormLayer::None,
         }
@@ -52,7 +56,8 @@ impl ImageEncoder {
             .iter()
             .enumerate()
             .map(|(i, &(cin, cout, stride))| {
-                let conv_cfg = nn::ConvConfig { stride, padding: 1, bias: cfg.norm == Norm::None, ..Default::default() };
+                let conv_cfg =
+                    nn::ConvConfig { stride, padding: 1, bias: cfg.norm == Norm::None, ..Default::default() };
                 let conv = nn::conv2d(&p / format!("conv{i}"), cin, cout, 3, conv_cfg);
                 (conv, NormLayer::new(&p / format!("norm{i}"), cfg, cout))
             })
@@ -143,7 +148,8 @@ impl Model {
 
     /// Non-trainable state (BatchNorm running statistics) in name order.
     pub fn buffers(&self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+        let mut v: Vec<(String, Tensor)> =
+            self.vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -203,7 +209,8 @@ mod tests {
     fn flatten_round_trip() {
         let ts = vec![Tensor::from_slice(&[1.0f64, 2.0]), Tensor::from_slice(&[3.0f64, 4.0, 5.0, 6.0]).view([2, 2])];
         let flat = flatten(&ts, Kind::Double);
-        let targets = vec![Tensor::zeros([2], (Kind::Double, Device::Cpu)), Tensor::zeros([2, 2], (Kind::Double, Device::Cpu))];
+        let targets =
+            vec![Tensor::zeros([2], (Kind::Double, Device::Cpu)), Tensor::zeros([2, 2], (Kind::Double, Device::Cpu))];
         unflatten_into(&flat, &targets);
         assert!(targets[0].equal(&ts[0]) && targets[1].equal(&ts[1]));
     }

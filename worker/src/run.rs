@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hcmoco_data::Dataset;
+use hcmoco_proto::JobConfig;
 use hcmoco_proto::pb;
 use hcmoco_proto::pb::worker_service_client::WorkerServiceClient;
-use hcmoco_proto::JobConfig;
 use tch::{Device, Tensor};
 use tokio::runtime::{Handle, Runtime};
 use tonic::transport::{Channel, Endpoint};
@@ -58,8 +58,12 @@ fn uri(addr: &str) -> String {
 }
 
 /// Connects and joins, retrying transport failures with backoff until `timeout`.
-async fn connect_and_join(opts: &RunOptions, collective_addr: &str) -> anyhow::Result<(WorkerServiceClient<Channel>, pb::JoinResponse)> {
-    let endpoint = Endpoint::from_shared(uri(&opts.coordinator)).with_context(|| format!("bad coordinator address {:?}", opts.coordinator))?;
+async fn connect_and_join(
+    opts: &RunOptions,
+    collective_addr: &str,
+) -> anyhow::Result<(WorkerServiceClient<Channel>, pb::JoinResponse)> {
+    let endpoint = Endpoint::from_shared(uri(&opts.coordinator))
+        .with_context(|| format!("bad coordinator address {:?}", opts.coordinator))?;
     let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
     let deadline = Instant::now() + opts.connect_timeout;
     let mut backoff = Duration::from_millis(100);
@@ -78,8 +82,12 @@ async fn connect_and_join(opts: &RunOptions, collective_addr: &str) -> anyhow::R
                 };
                 match client.join(req).await {
                     Ok(resp) => return Ok((client, resp.into_inner())),
-                    Err(s) if s.code() == tonic::Code::Unavailable => format!("{}", s.message()),
-                    Err(s) => bail!("the coordinator at {} refused to let this worker join: {}", opts.coordinator, s.message()),
+                    Err(s) if s.code() == tonic::Code::Unavailable => s.message().to_string(),
+                    Err(s) => bail!(
+                        "the coordinator at {} refused to let this worker join: {}",
+                        opts.coordinator,
+                        s.message()
+                    ),
                 }
             }
             Err(e) => format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
@@ -101,13 +109,27 @@ async fn connect_and_join(opts: &RunOptions, collective_addr: &str) -> anyhow::R
 /// Shared between the heartbeat task and the training thread: why the worker must stop, if it must.
 type StopFlag = Arc<Mutex<Option<String>>>;
 
-fn spawn_heartbeats(rt: &Runtime, mut client: WorkerServiceClient<Channel>, worker_id: String, interval: Duration, silence_limit: Duration, generation: Arc<Mutex<u64>>, stop: StopFlag) {
+#[allow(clippy::too_many_arguments)]
+fn spawn_heartbeats(
+    rt: &Runtime,
+    mut client: WorkerServiceClient<Channel>,
+    worker_id: String,
+    interval: Duration,
+    silence_limit: Duration,
+    generation: Arc<Mutex<u64>>,
+    step: Arc<AtomicU64>,
+    stop: StopFlag,
+) {
     rt.spawn(async move {
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(interval).await;
             let gen_now = *generation.lock().unwrap_or_else(|p| p.into_inner());
-            let req = pb::HeartbeatRequest { worker_id: worker_id.clone(), generation: gen_now, step: 0 };
+            let req = pb::HeartbeatRequest {
+                worker_id: worker_id.clone(),
+                generation: gen_now,
+                step: step.load(Ordering::Relaxed),
+            };
             match client.heartbeat(req).await {
                 Ok(r) => {
                     last_ok = Instant::now();
@@ -119,8 +141,11 @@ fn spawn_heartbeats(rt: &Runtime, mut client: WorkerServiceClient<Channel>, work
                 }
                 Err(s) => {
                     if last_ok.elapsed() > silence_limit {
-                        *stop.lock().unwrap_or_else(|p| p.into_inner()) =
-                            Some(format!("lost contact with the coordinator for {:.0?}: {}", last_ok.elapsed(), s.message()));
+                        *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                            "lost contact with the coordinator for {:.0?}: {}",
+                            last_ok.elapsed(),
+                            s.message()
+                        ));
                         return;
                     }
                 }
@@ -131,23 +156,33 @@ fn spawn_heartbeats(rt: &Runtime, mut client: WorkerServiceClient<Channel>, work
 
 /// Runs a worker to the end of its job.
 pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("cannot start the async runtime")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
 
-    let listener = TcpListener::bind(&opts.bind).with_context(|| format!("cannot bind the collective listener on {}", opts.bind))?;
+    let listener = TcpListener::bind(&opts.bind)
+        .with_context(|| format!("cannot bind the collective listener on {}", opts.bind))?;
     let local = listener.local_addr()?;
     let collective_addr = match &opts.advertise_addr {
         Some(a) => a.clone(),
-        None if local.ip().is_unspecified() => bail!("--bind {} listens on every interface: pass --advertise-addr HOST:PORT so peers know which one to use", opts.bind),
+        None if local.ip().is_unspecified() => bail!(
+            "--bind {} listens on every interface: pass --advertise-addr HOST:PORT so peers know which one to use",
+            opts.bind
+        ),
         None => local.to_string(),
     };
 
     let (client, joined) = rt.block_on(connect_and_join(&opts, &collective_addr))?;
-    let config = JobConfig::from_toml(&joined.job_config_toml).context("the coordinator sent a job config this worker cannot read")?;
+    let config = JobConfig::from_toml(&joined.job_config_toml)
+        .context("the coordinator sent a job config this worker cannot read")?;
     tracing::info!(job = %joined.job_id, worker = %joined.worker_id, "joined");
     eprintln!("worker {} joined job {} (collective address {collective_addr})", joined.worker_id, joined.job_id);
 
     let generation = Arc::new(Mutex::new(0u64));
     let stop: StopFlag = Arc::new(Mutex::new(None));
+    let current_step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(
         &rt,
         client.clone(),
@@ -155,6 +190,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(1))),
         Duration::from_millis(config.heartbeat.timeout_ms),
         generation.clone(),
+        current_step.clone(),
         stop.clone(),
     );
 
@@ -166,7 +202,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
                 bail!("stopped before training: {why}");
             }
             let r = c
-                .rendezvous(pb::RendezvousRequest { worker_id: joined.worker_id.clone(), generation: 0, collective_bootstrap: Vec::new() })
+                .rendezvous(pb::RendezvousRequest {
+                    worker_id: joined.worker_id.clone(),
+                    generation: 0,
+                    collective_bootstrap: Vec::new(),
+                })
                 .await
                 .map_err(|s| anyhow::anyhow!("rendezvous failed: {}", s.message()))?
                 .into_inner();
@@ -178,7 +218,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     *generation.lock().unwrap_or_else(|p| p.into_inner()) = assignment.generation;
     eprintln!("generation {}: rank {} of {}", assignment.generation, assignment.rank, assignment.world_size);
 
-    let current_step = Arc::new(AtomicU64::new(assignment.start_step));
+    current_step.store(assignment.start_step, Ordering::Relaxed);
     let ctx = TrainContext {
         current_step: current_step.clone(),
         handle: rt.handle().clone(),
@@ -201,7 +241,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
             generation: *generation.lock().unwrap_or_else(|p| p.into_inner()),
             step: current_step.load(Ordering::Relaxed),
             message: format!("{e:#}"),
-            failed_rank: e.chain().find_map(|c| c.downcast_ref::<crate::comm::CommError>()).and_then(|c| c.peer_rank()).map_or(-1, |r| r as i32),
+            failed_rank: e
+                .chain()
+                .find_map(|c| c.downcast_ref::<crate::comm::CommError>())
+                .and_then(|c| c.peer_rank())
+                .map_or(-1, |r| r as i32),
         };
         let mut c = client;
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), c.report_failure(req)).await });
@@ -225,9 +269,16 @@ struct TrainContext {
 }
 
 impl TrainContext {
-    fn call<T>(&self, what: &str, f: impl AsyncFnOnce(WorkerServiceClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl AsyncFnOnce(WorkerServiceClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>,
+    ) -> anyhow::Result<T> {
         let client = self.client.clone();
-        self.handle.block_on(f(client)).map(tonic::Response::into_inner).map_err(|s| anyhow::anyhow!("{what} refused by the coordinator: {}", s.message()))
+        self.handle
+            .block_on(f(client))
+            .map(tonic::Response::into_inner)
+            .map_err(|s| anyhow::anyhow!("{what} refused by the coordinator: {}", s.message()))
     }
 }
 
@@ -241,24 +292,39 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     // Datasets: the layout and image size must agree across the job's datasets (checked here, once).
     let mut datasets = Vec::new();
     for (i, d) in cfg.data.datasets.iter().enumerate() {
-        datasets.push(Dataset::open(std::path::Path::new(&d.manifest)).with_context(|| format!("data.datasets[{i}]: cannot open {}", d.manifest))?);
+        datasets.push(
+            Dataset::open(std::path::Path::new(&d.manifest))
+                .with_context(|| format!("data.datasets[{i}]: cannot open {}", d.manifest))?,
+        );
     }
     let first = datasets.first().context("the job lists no dataset")?.manifest().clone();
     for (i, d) in datasets.iter().enumerate() {
         let m = d.manifest();
         if m.layout != first.layout {
-            bail!("data.datasets[{i}] uses keypoint layout {} but data.datasets[0] uses {}: one layout per job", m.layout, first.layout);
+            bail!(
+                "data.datasets[{i}] uses keypoint layout {} but data.datasets[0] uses {}: one layout per job",
+                m.layout,
+                first.layout
+            );
         }
         if (m.image_width, m.image_height) != (first.image_width, first.image_height) {
-            bail!("data.datasets[{i}] images are {}x{}, data.datasets[0] are {}x{}: one size per job until augmentation lands", m.image_width, m.image_height, first.image_width, first.image_height);
+            bail!(
+                "data.datasets[{i}] images are {}x{}, data.datasets[0] are {}x{}: one size per job until augmentation lands",
+                m.image_width,
+                m.image_height,
+                first.image_width,
+                first.image_height
+            );
         }
     }
 
     let peers: Vec<String> = a.peers.iter().map(|p| p.collective_addr.clone()).collect();
     let timeout = Duration::from_millis(cfg.collective.timeout_ms);
-    let comm = connect_cpu(listener, rank as usize, &peers, generation, timeout).context("cannot form the collective ring")?;
+    let comm =
+        connect_cpu(listener, rank as usize, &peers, generation, timeout).context("cannot form the collective ring")?;
     let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, Device::Cpu);
-    let mut trainer = Trainer::new(model, Box::new(comm), cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.loss.temperature);
+    let mut trainer =
+        Trainer::new(model, Box::new(comm), cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.loss.temperature);
     trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
     eprintln!("rank {rank}: ring formed, weights synchronised");
 
@@ -282,7 +348,9 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         }
         let mut samples = Vec::with_capacity(work.samples.len());
         for s in &work.samples {
-            let d = datasets.get(s.dataset as usize).with_context(|| format!("step {step}: dataset {} is not in the job", s.dataset))?;
+            let d = datasets
+                .get(s.dataset as usize)
+                .with_context(|| format!("step {step}: dataset {} is not in the job", s.dataset))?;
             samples.push(d.get(s.index).with_context(|| format!("step {step}: slot {}", s.slot))?);
         }
         let batch = batch::build(&samples, first.layout, (first.image_width, first.image_height), trainer.model.kind)
@@ -290,12 +358,15 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         let data_time = t0.elapsed();
         let offset = (work.local_slot_begin - work.global_slot_begin) as usize;
         let global_rows = (work.global_slot_end - work.global_slot_begin) as usize;
-        let out = trainer.step(&batch, offset, global_rows, work.learning_rate).with_context(|| format!("step {step} (rank {rank})"))?;
+        let out = trainer
+            .step(&batch, offset, global_rows, work.learning_rate)
+            .with_context(|| format!("step {step} (rank {rank})"))?;
         last_loss = Some(out.total);
 
         let done_steps = step + 1;
         let mut checkpoint_dir = String::new();
-        let due = done_steps == cfg.steps || (cfg.checkpoint.every_steps > 0 && done_steps % cfg.checkpoint.every_steps == 0);
+        let due = done_steps == cfg.steps
+            || (cfg.checkpoint.every_steps > 0 && done_steps.is_multiple_of(cfg.checkpoint.every_steps));
         if due && rank == 0 {
             let meta = CheckpointMeta {
                 format: checkpoint::FORMAT.into(),
@@ -306,10 +377,19 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 generation,
                 world_size: world,
                 loss_total: out.total,
-                created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                created_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0),
             };
-            let path = checkpoint::write(std::path::Path::new(&cfg.checkpoint.dir), &meta, &trainer.model.state(), &trainer.opt.state(), &ctx.job_toml)
-                .with_context(|| format!("step {done_steps}: checkpoint"))?;
+            let path = checkpoint::write(
+                std::path::Path::new(&cfg.checkpoint.dir),
+                &meta,
+                &trainer.model.state(),
+                &trainer.opt.state(),
+                &ctx.job_toml,
+            )
+            .with_context(|| format!("step {done_steps}: checkpoint"))?;
             checkpoint_dir = path.display().to_string();
         }
         let step_time = t0.elapsed();
@@ -326,7 +406,13 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             learning_rate: work.learning_rate,
         };
         ctx.call("report step", async |mut c| {
-            c.report_step(pb::ReportStepRequest { worker_id: ctx.worker_id.clone(), generation, metrics: Some(metrics), checkpoint: checkpoint_dir }).await
+            c.report_step(pb::ReportStepRequest {
+                worker_id: ctx.worker_id.clone(),
+                generation,
+                metrics: Some(metrics),
+                checkpoint: checkpoint_dir,
+            })
+            .await
         })?;
         step += 1;
     }

@@ -63,7 +63,13 @@ impl Clock {
 }
 
 impl Trainer {
-    pub fn new(model: Model, comm: Box<dyn Communicator>, momentum: f64, weight_decay: f64, temperature: f64) -> Trainer {
+    pub fn new(
+        model: Model,
+        comm: Box<dyn Communicator>,
+        momentum: f64,
+        weight_decay: f64,
+        temperature: f64,
+    ) -> Trainer {
         let opt = Sgd::new(&model.parameters(), momentum, weight_decay);
         Trainer { model, opt, comm, temperature }
     }
@@ -79,7 +85,13 @@ impl Trainer {
 
     /// Trains one step on this rank's `batch`, whose rows are `[offset, offset + len)` of a global
     /// batch of `global_rows`.
-    pub fn step(&mut self, batch: &Batch, offset: usize, global_rows: usize, lr: f64) -> Result<StepOutcome, StepError> {
+    pub fn step(
+        &mut self,
+        batch: &Batch,
+        offset: usize,
+        global_rows: usize,
+        lr: f64,
+    ) -> Result<StepOutcome, StepError> {
         let started = Instant::now();
         let mut clock = Clock { comm: Duration::ZERO };
         let kind = self.model.kind;
@@ -91,7 +103,8 @@ impl Trainer {
         let empty = || Tensor::zeros([0, dim], (kind, tch::Device::Cpu));
         let z_rgb = if b > 0 { self.model.rgb.forward(&batch.rgb, true) } else { empty() };
         let depth_rows = Tensor::from_slice(&batch.depth_rows);
-        let z_depth_c = if batch.depth_rows.is_empty() { None } else { Some(self.model.depth.forward(&batch.depth, true)) };
+        let z_depth_c =
+            if batch.depth_rows.is_empty() { None } else { Some(self.model.depth.forward(&batch.depth, true)) };
         let z_depth = match &z_depth_c {
             Some(zc) => Tensor::zeros([b, dim], (kind, tch::Device::Cpu)).index_copy(0, &depth_rows, zc),
             None => Tensor::zeros([b, dim], (kind, tch::Device::Cpu)),
@@ -99,16 +112,25 @@ impl Trainer {
         let z_kp = if b > 0 { self.model.kp.forward(&batch.keypoints) } else { empty() };
 
         // 2. Gather embeddings and masks of the global batch.
-        let mask = |v: &[bool]| Tensor::from_slice(&v.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect::<Vec<f64>>()).to_kind(kind).view([b, 1]);
-        let local = Tensor::cat(&[z_rgb.detach(), z_depth.detach(), z_kp.detach(), mask(&batch.has_depth), mask(&batch.has_keypoints)], 1);
+        let mask = |v: &[bool]| {
+            Tensor::from_slice(&v.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect::<Vec<f64>>())
+                .to_kind(kind)
+                .view([b, 1])
+        };
+        let local = Tensor::cat(
+            &[z_rgb.detach(), z_depth.detach(), z_kp.detach(), mask(&batch.has_depth), mask(&batch.has_keypoints)],
+            1,
+        );
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
         if rows != global_rows as i64 {
             return Err(StepError::RowMismatch { got: rows, want: global_rows as i64 });
         }
-        let leaves: [Tensor; 3] = std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
+        let leaves: [Tensor; 3] =
+            std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
         let col = |c: i64| -> Vec<bool> {
-            let v: Vec<f64> = Vec::try_from(&gathered.narrow(1, c, 1).reshape([-1]).to_kind(Kind::Double)).unwrap_or_default();
+            let v: Vec<f64> =
+                Vec::try_from(&gathered.narrow(1, c, 1).reshape([-1]).to_kind(Kind::Double)).unwrap_or_default();
             v.iter().map(|&x| x > 0.5).collect()
         };
         let has = [vec![true; rows as usize], col(3 * dim), col(3 * dim + 1)];
@@ -131,9 +153,10 @@ impl Trainer {
         let mine = g.narrow(0, offset as i64, b);
         let params: Vec<(String, Tensor)> = self.model.parameters();
         let param_tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let mut surrogate = (&z_rgb * mine.narrow(1, 0, dim)).sum(None::<Kind>) + (&z_kp * mine.narrow(1, 2 * dim, dim)).sum(None::<Kind>);
+        let mut surrogate = (&z_rgb * mine.narrow(1, 0, dim)).sum(None::<Kind>)
+            + (&z_kp * mine.narrow(1, 2 * dim, dim)).sum(None::<Kind>);
         if let Some(zc) = &z_depth_c {
-            surrogate = surrogate + (zc * mine.narrow(1, dim, dim).index_select(0, &depth_rows)).sum(None::<Kind>);
+            surrogate += (zc * mine.narrow(1, dim, dim).index_select(0, &depth_rows)).sum(None::<Kind>);
         }
         let grads: Vec<Tensor> = if b > 0 && surrogate.requires_grad() {
             Tensor::run_backward(&[&surrogate], &param_tensors, false, false)
@@ -153,7 +176,8 @@ impl Trainer {
         let summed_grads = bucket.narrow(0, 0, n - 6);
         let reduced: Vec<Tensor> = grads.iter().map(Tensor::zeros_like).collect();
         unflatten_into(&summed_grads, &reduced);
-        let terms_v: Vec<f64> = Vec::try_from(&bucket.narrow(0, n - 6, 6).to_kind(Kind::Double)).unwrap_or_else(|_| vec![f64::NAN; 6]);
+        let terms_v: Vec<f64> =
+            Vec::try_from(&bucket.narrow(0, n - 6, 6).to_kind(Kind::Double)).unwrap_or_else(|_| vec![f64::NAN; 6]);
         let mut terms = [0.0; 6];
         terms.copy_from_slice(&terms_v);
         let total: f64 = terms.iter().sum();

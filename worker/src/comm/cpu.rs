@@ -53,9 +53,8 @@ impl CpuCommunicator {
         let mut values = vec![T::zeroed(); numel];
         t.f_copy_data(&mut values, numel).map_err(tensor_error)?;
         self.ring.all_reduce_sum_as(op, &mut values)?;
-        let summed = Tensor::f_from_slice(&values)
-            .and_then(|flat| flat.f_view(t.size().as_slice()))
-            .map_err(tensor_error)?;
+        let summed =
+            Tensor::f_from_slice(&values).and_then(|flat| flat.f_view(t.size().as_slice())).map_err(tensor_error)?;
         tch::no_grad(|| t.f_copy_(&summed)).map_err(tensor_error)
     }
 }
@@ -75,10 +74,7 @@ fn check_transferable(op: &'static str, t: &Tensor) -> Result<(), CommError> {
     if is_transferable(t.kind()) {
         Ok(())
     } else {
-        Err(CommError::Unsupported {
-            op,
-            detail: format!("tensor kind {:?}", t.kind()),
-        })
+        Err(CommError::Unsupported { op, detail: format!("tensor kind {:?}", t.kind()) })
     }
 }
 
@@ -121,18 +117,13 @@ impl Communicator for CpuCommunicator {
                 detail: "a 0-dim tensor has no dim 0 to concatenate along".to_owned(),
             });
         }
-        let local = TensorMeta::encode_tensor(t)
-            .map_err(|detail| CommError::InvalidArgument { op: OP, detail })?;
+        let local = TensorMeta::encode_tensor(t).map_err(|detail| CommError::InvalidArgument { op: OP, detail })?;
         let gathered = self.ring.all_gather_bytes_as(OP, &local)?;
         let parts = gathered
             .iter()
             .enumerate()
             .map(|(rank, bytes)| {
-                TensorMeta::decode(bytes).map_err(|detail| CommError::Protocol {
-                    op: OP,
-                    peer_rank: rank,
-                    detail,
-                })
+                TensorMeta::decode(bytes).map_err(|detail| CommError::Protocol { op: OP, peer_rank: rank, detail })
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Every rank compares against rank 0, so all ranks report the same mismatch.
@@ -161,18 +152,14 @@ impl Communicator for CpuCommunicator {
         for (_, part) in &parts {
             data.extend_from_slice(part);
         }
-        let out = TensorMeta {
-            kind: reference.kind,
-            dims,
-        };
+        let out = TensorMeta { kind: reference.kind, dims };
         if out.data_len() != Some(data.len()) {
             return Err(CommError::InvalidArgument {
                 op: OP,
                 detail: format!("gathered shape {:?} is too large", out.dims),
             });
         }
-        out.to_tensor(&data)
-            .map_err(|source| CommError::Tensor { op: OP, source })
+        out.to_tensor(&data).map_err(|source| CommError::Tensor { op: OP, source })
     }
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
@@ -180,8 +167,7 @@ impl Communicator for CpuCommunicator {
         check_transferable(OP, t)?;
         let rank = self.ring.rank();
         let mut bytes = if rank == root {
-            TensorMeta::encode_tensor(t)
-                .map_err(|detail| CommError::InvalidArgument { op: OP, detail })?
+            TensorMeta::encode_tensor(t).map_err(|detail| CommError::InvalidArgument { op: OP, detail })?
         } else {
             Vec::new()
         };
@@ -189,29 +175,17 @@ impl Communicator for CpuCommunicator {
         if rank == root {
             return Ok(());
         }
-        let (meta, data) = TensorMeta::decode(&bytes).map_err(|detail| CommError::Protocol {
-            op: OP,
-            peer_rank: root,
-            detail,
-        })?;
-        let local = TensorMeta {
-            kind: t.kind(),
-            dims: t.size(),
-        };
+        let (meta, data) =
+            TensorMeta::decode(&bytes).map_err(|detail| CommError::Protocol { op: OP, peer_rank: root, detail })?;
+        let local = TensorMeta { kind: t.kind(), dims: t.size() };
         if meta != local {
             return Err(CommError::Mismatch {
                 op: OP,
                 rank,
-                detail: format!(
-                    "rank {rank} has {}, root {root} sent {}",
-                    describe(&local),
-                    describe(&meta)
-                ),
+                detail: format!("rank {rank} has {}, root {root} sent {}", describe(&local), describe(&meta)),
             });
         }
-        let values = meta
-            .to_tensor(data)
-            .map_err(|source| CommError::Tensor { op: OP, source })?;
+        let values = meta.to_tensor(data).map_err(|source| CommError::Tensor { op: OP, source })?;
         tch::no_grad(|| t.f_copy_(&values)).map_err(|source| CommError::Tensor { op: OP, source })
     }
 

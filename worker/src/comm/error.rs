@@ -12,25 +12,14 @@ use std::io;
 pub enum CommError {
     /// Socket failure with a neighbour: timeout (no progress within the ring's timeout), reset, closed.
     #[error("{op}: peer rank {peer_rank} ({peer_addr}): {}", describe_io(.source))]
-    Peer {
-        op: &'static str,
-        peer_rank: usize,
-        peer_addr: String,
-        source: io::Error,
-    },
+    Peer { op: &'static str, peer_rank: usize, peer_addr: String, source: io::Error },
     /// A neighbour sent something other than what this rank expected (collectives called in a different
     /// order, buffers of different lengths, different element types, a corrupt stream).
     #[error("{op}: protocol error with peer rank {peer_rank}: {detail}")]
-    Protocol {
-        op: &'static str,
-        peer_rank: usize,
-        detail: String,
-    },
+    Protocol { op: &'static str, peer_rank: usize, detail: String },
     /// The ring could not be formed: a neighbour missing, or it spoke another generation, world size or
     /// protocol version.
-    #[error(
-        "connect: handshake of rank {rank} with {side} peer rank {peer_rank} ({peer_addr}) failed: {detail}"
-    )]
+    #[error("connect: handshake of rank {rank} with {side} peer rank {peer_rank} ({peer_addr}) failed: {detail}")]
     Handshake {
         rank: usize,
         /// "left" (the neighbour this rank accepts) or "right" (the one it connects to).
@@ -41,11 +30,7 @@ pub enum CommError {
     },
     /// Ranks passed tensors that do not agree (shape or kind); `rank` is the rank whose tensor differs.
     #[error("{op}: tensor of rank {rank} does not match: {detail}")]
-    Mismatch {
-        op: &'static str,
-        rank: usize,
-        detail: String,
-    },
+    Mismatch { op: &'static str, rank: usize, detail: String },
     /// The communicator cannot handle this input (a CUDA tensor, an unsupported kind).
     #[error("{op}: unsupported: {detail}")]
     Unsupported { op: &'static str, detail: String },
@@ -57,10 +42,7 @@ pub enum CommError {
     Local { op: &'static str, source: io::Error },
     /// libtorch refused a tensor operation while copying data in or out.
     #[error("{op}: tensor operation failed")]
-    Tensor {
-        op: &'static str,
-        source: tch::TchError,
-    },
+    Tensor { op: &'static str, source: tch::TchError },
     /// An earlier collective failed; the ring is out of sync and its sockets are closed.
     #[error("{op}: communicator unusable after an earlier failure ({cause})")]
     Poisoned { op: &'static str, cause: String },

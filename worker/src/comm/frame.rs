@@ -93,11 +93,7 @@ impl Hello {
         let mut b = [0u8; HELLO_LEN];
         b[0..4].copy_from_slice(&MAGIC);
         b[4..6].copy_from_slice(&self.version.to_le_bytes());
-        b[6] = if self.little_endian {
-            FLAG_LITTLE_ENDIAN
-        } else {
-            0
-        };
+        b[6] = if self.little_endian { FLAG_LITTLE_ENDIAN } else { 0 };
         b[8..16].copy_from_slice(&self.generation.to_le_bytes());
         b[16..24].copy_from_slice(&self.rank.to_le_bytes());
         b[24..32].copy_from_slice(&self.world_size.to_le_bytes());
@@ -106,10 +102,7 @@ impl Hello {
 
     pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Self, String> {
         if b[0..4] != MAGIC {
-            return Err(format!(
-                "bad magic {:02x?} (not an hcmoco collective connection)",
-                &b[0..4]
-            ));
+            return Err(format!("bad magic {:02x?} (not an hcmoco collective connection)", &b[0..4]));
         }
         Ok(Hello {
             version: le_u16(b, 4),
@@ -123,31 +116,19 @@ impl Hello {
     /// Checks a received hello against the expected one; describes the first difference.
     pub fn check(&self, expected: &Hello) -> Result<(), String> {
         if self.version != expected.version {
-            return Err(format!(
-                "protocol version {}, expected {}",
-                self.version, expected.version
-            ));
+            return Err(format!("protocol version {}, expected {}", self.version, expected.version));
         }
         if self.little_endian != expected.little_endian {
             return Err("peer has a different byte order".to_owned());
         }
         if self.generation != expected.generation {
-            return Err(format!(
-                "generation {}, expected {}",
-                self.generation, expected.generation
-            ));
+            return Err(format!("generation {}, expected {}", self.generation, expected.generation));
         }
         if self.world_size != expected.world_size {
-            return Err(format!(
-                "world size {}, expected {}",
-                self.world_size, expected.world_size
-            ));
+            return Err(format!("world size {}, expected {}", self.world_size, expected.world_size));
         }
         if self.rank != expected.rank {
-            return Err(format!(
-                "sender rank {}, expected {}",
-                self.rank, expected.rank
-            ));
+            return Err(format!("sender rank {}, expected {}", self.rank, expected.rank));
         }
         Ok(())
     }
@@ -169,13 +150,7 @@ pub(crate) struct FrameHeader {
 
 impl FrameHeader {
     pub fn new(op: OpCode, dtype: u8, step: u32, seq: u64, len: usize) -> Self {
-        FrameHeader {
-            op: op as u8,
-            dtype,
-            step,
-            seq,
-            len: len as u64,
-        }
+        FrameHeader { op: op as u8, dtype, step, seq, len: len as u64 }
     }
 
     pub fn encode(&self) -> [u8; HEADER_LEN] {
@@ -189,13 +164,7 @@ impl FrameHeader {
     }
 
     pub fn decode(b: &[u8; HEADER_LEN]) -> Self {
-        FrameHeader {
-            op: b[0],
-            dtype: b[1],
-            step: le_u32(b, 4),
-            seq: le_u64(b, 8),
-            len: le_u64(b, 16),
-        }
+        FrameHeader { op: b[0], dtype: b[1], step: le_u32(b, 4), seq: le_u64(b, 8), len: le_u64(b, 16) }
     }
 
     /// Checks everything but the length against what the receiver expects next.
@@ -210,17 +179,10 @@ impl FrameHeader {
             ));
         }
         if self.dtype != dtype {
-            return Err(format!(
-                "element type {} from peer, {} here",
-                dtype_name(self.dtype),
-                dtype_name(dtype)
-            ));
+            return Err(format!("element type {} from peer, {} here", dtype_name(self.dtype), dtype_name(dtype)));
         }
         if self.step != step {
-            return Err(format!(
-                "message for step {}, expected step {step}",
-                self.step
-            ));
+            return Err(format!("message for step {}, expected step {step}", self.step));
         }
         Ok(())
     }
@@ -268,23 +230,11 @@ mod tests {
         assert!(Hello::decode(&bytes).is_err_and(|e| e.contains("magic")));
 
         let other = Hello::new(8, 1, 3);
-        assert!(
-            other
-                .check(&h)
-                .is_err_and(|e| e.contains("generation 8, expected 7"))
-        );
+        assert!(other.check(&h).is_err_and(|e| e.contains("generation 8, expected 7")));
         let other = Hello::new(7, 2, 3);
-        assert!(
-            other
-                .check(&h)
-                .is_err_and(|e| e.contains("sender rank 2, expected 1"))
-        );
+        assert!(other.check(&h).is_err_and(|e| e.contains("sender rank 2, expected 1")));
         let other = Hello::new(7, 1, 4);
-        assert!(
-            other
-                .check(&h)
-                .is_err_and(|e| e.contains("world size 4, expected 3"))
-        );
+        assert!(other.check(&h).is_err_and(|e| e.contains("world size 4, expected 3")));
     }
 
     #[test]
@@ -292,18 +242,11 @@ mod tests {
         let h = FrameHeader::new(OpCode::AllGather, 0, 0, 5, 10);
         assert!(h.check(OpCode::AllGather, 0, 0, 5).is_ok());
         let e = h.check(OpCode::AllReduce, 1, 0, 5).expect_err("op differs");
-        assert!(
-            e.contains("received all_gather") && e.contains("expected all_reduce"),
-            "{e}"
-        );
-        let e = h
-            .check(OpCode::AllGather, 0, 0, 6)
-            .expect_err("seq differs");
+        assert!(e.contains("received all_gather") && e.contains("expected all_reduce"), "{e}");
+        let e = h.check(OpCode::AllGather, 0, 0, 6).expect_err("seq differs");
         assert!(e.contains("#5") && e.contains("#6"), "{e}");
         let h = FrameHeader::new(OpCode::AllReduce, 2, 1, 5, 8);
-        let e = h
-            .check(OpCode::AllReduce, 1, 1, 5)
-            .expect_err("dtype differs");
+        let e = h.check(OpCode::AllReduce, 1, 1, 5).expect_err("dtype differs");
         assert!(e.contains("f64 from peer, f32 here"), "{e}");
     }
 }

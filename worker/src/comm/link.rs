@@ -23,51 +23,27 @@ pub(super) struct Link {
 
 impl Link {
     pub(super) fn io_error(&self, op: &'static str, e: io::Error) -> CommError {
-        let source = if matches!(
-            e.kind(),
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-        ) {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no progress within {:?}", self.timeout),
-            )
+        let source = if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            io::Error::new(io::ErrorKind::TimedOut, format!("no progress within {:?}", self.timeout))
         } else {
             e
         };
-        CommError::Peer {
-            op,
-            peer_rank: self.peer_rank,
-            peer_addr: self.peer_addr.clone(),
-            source,
-        }
+        CommError::Peer { op, peer_rank: self.peer_rank, peer_addr: self.peer_addr.clone(), source }
     }
 
     pub(super) fn protocol(&self, op: &'static str, detail: String) -> CommError {
-        CommError::Protocol {
-            op,
-            peer_rank: self.peer_rank,
-            detail,
-        }
+        CommError::Protocol { op, peer_rank: self.peer_rank, detail }
     }
 
     pub(super) fn write_raw(&self, op: &'static str, bytes: &[u8]) -> Result<(), CommError> {
-        (&self.stream)
-            .write_all(bytes)
-            .map_err(|e| self.io_error(op, e))
+        (&self.stream).write_all(bytes).map_err(|e| self.io_error(op, e))
     }
 
     pub(super) fn read_raw(&self, op: &'static str, buf: &mut [u8]) -> Result<(), CommError> {
-        (&self.stream)
-            .read_exact(buf)
-            .map_err(|e| self.io_error(op, e))
+        (&self.stream).read_exact(buf).map_err(|e| self.io_error(op, e))
     }
 
-    pub(super) fn write_frame(
-        &self,
-        op: &'static str,
-        header: FrameHeader,
-        payload: &[u8],
-    ) -> Result<(), CommError> {
+    pub(super) fn write_frame(&self, op: &'static str, header: FrameHeader, payload: &[u8]) -> Result<(), CommError> {
         if payload.len() <= SMALL_FRAME {
             let mut message = Vec::with_capacity(HEADER_LEN + payload.len());
             message.extend_from_slice(&header.encode());
@@ -91,9 +67,7 @@ impl Link {
         let mut bytes = [0u8; HEADER_LEN];
         self.read_raw(op, &mut bytes)?;
         let header = FrameHeader::decode(&bytes);
-        header
-            .check(code, dtype, step, seq)
-            .map_err(|detail| self.protocol(op, detail))?;
+        header.check(code, dtype, step, seq).map_err(|detail| self.protocol(op, detail))?;
         Ok(header)
     }
 
@@ -130,23 +104,12 @@ impl Link {
     ) -> Result<usize, CommError> {
         let header = self.read_header(op, code, 0, step, seq)?;
         if header.len > MAX_PAYLOAD {
-            return Err(self.protocol(
-                op,
-                format!(
-                    "announced payload of {} bytes exceeds the limit {MAX_PAYLOAD}",
-                    header.len
-                ),
-            ));
+            return Err(
+                self.protocol(op, format!("announced payload of {} bytes exceeds the limit {MAX_PAYLOAD}", header.len))
+            );
         }
-        usize::try_from(header.len).map_err(|_| {
-            self.protocol(
-                op,
-                format!(
-                    "announced payload of {} bytes does not fit in memory",
-                    header.len
-                ),
-            )
-        })
+        usize::try_from(header.len)
+            .map_err(|_| self.protocol(op, format!("announced payload of {} bytes does not fit in memory", header.len)))
     }
 }
 

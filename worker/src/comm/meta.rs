@@ -60,29 +60,18 @@ impl TensorMeta {
     pub fn data_len(&self) -> Option<usize> {
         self.dims
             .iter()
-            .try_fold(self.kind.elt_size_in_bytes(), |acc, &d| {
-                usize::try_from(d).ok().and_then(|d| acc.checked_mul(d))
-            })
+            .try_fold(self.kind.elt_size_in_bytes(), |acc, &d| usize::try_from(d).ok().and_then(|d| acc.checked_mul(d)))
     }
 
     /// Header followed by the tensor's data (made contiguous by libtorch while copying).
     /// The caller has checked that the kind is transferable and that `t` is on the CPU.
     pub fn encode_tensor(t: &Tensor) -> Result<Vec<u8>, String> {
-        let meta = TensorMeta {
-            kind: t.kind(),
-            dims: t.size(),
-        };
-        let code = kind_code(meta.kind)
-            .ok_or_else(|| format!("kind {:?} cannot be transferred", meta.kind))?;
+        let meta = TensorMeta { kind: t.kind(), dims: t.size() };
+        let code = kind_code(meta.kind).ok_or_else(|| format!("kind {:?} cannot be transferred", meta.kind))?;
         if meta.dims.len() > MAX_DIMS {
-            return Err(format!(
-                "{} dimensions, at most {MAX_DIMS} supported",
-                meta.dims.len()
-            ));
+            return Err(format!("{} dimensions, at most {MAX_DIMS} supported", meta.dims.len()));
         }
-        let data_len = meta
-            .data_len()
-            .ok_or_else(|| format!("shape {:?} too large", meta.dims))?;
+        let data_len = meta.data_len().ok_or_else(|| format!("shape {:?} too large", meta.dims))?;
         let mut out = Vec::with_capacity(FIXED_LEN + 8 * meta.dims.len() + data_len);
         out.extend_from_slice(&[META_VERSION, code, meta.dims.len() as u8, 0, 0, 0, 0, 0]);
         for d in &meta.dims {
@@ -90,37 +79,26 @@ impl TensorMeta {
         }
         let start = out.len();
         out.resize(start + data_len, 0);
-        t.f_copy_data_u8(&mut out[start..], t.numel())
-            .map_err(|e| format!("copying tensor data failed: {e}"))?;
+        t.f_copy_data_u8(&mut out[start..], t.numel()).map_err(|e| format!("copying tensor data failed: {e}"))?;
         Ok(out)
     }
 
     /// Splits a message into its header and its data, checking that the data length matches.
     pub fn decode(bytes: &[u8]) -> Result<(TensorMeta, &[u8]), String> {
         if bytes.len() < FIXED_LEN {
-            return Err(format!(
-                "tensor message of {} bytes is shorter than its header",
-                bytes.len()
-            ));
+            return Err(format!("tensor message of {} bytes is shorter than its header", bytes.len()));
         }
         if bytes[0] != META_VERSION {
-            return Err(format!(
-                "tensor header version {}, expected {META_VERSION}",
-                bytes[0]
-            ));
+            return Err(format!("tensor header version {}, expected {META_VERSION}", bytes[0]));
         }
-        let kind =
-            kind_from_code(bytes[1]).ok_or_else(|| format!("unknown kind code {}", bytes[1]))?;
+        let kind = kind_from_code(bytes[1]).ok_or_else(|| format!("unknown kind code {}", bytes[1]))?;
         let ndim = usize::from(bytes[2]);
         if ndim > MAX_DIMS {
             return Err(format!("{ndim} dimensions, at most {MAX_DIMS} supported"));
         }
         let dims_end = FIXED_LEN + 8 * ndim;
         if bytes.len() < dims_end {
-            return Err(format!(
-                "tensor message of {} bytes is shorter than its {ndim} dims",
-                bytes.len()
-            ));
+            return Err(format!("tensor message of {} bytes is shorter than its {ndim} dims", bytes.len()));
         }
         let dims: Vec<i64> = bytes[FIXED_LEN..dims_end]
             .chunks_exact(8)
@@ -134,12 +112,7 @@ impl TensorMeta {
         let data = &bytes[dims_end..];
         match meta.data_len() {
             Some(n) if n == data.len() => Ok((meta, data)),
-            Some(n) => Err(format!(
-                "shape {:?} {:?} needs {n} data bytes, got {}",
-                meta.dims,
-                meta.kind,
-                data.len()
-            )),
+            Some(n) => Err(format!("shape {:?} {:?} needs {n} data bytes, got {}", meta.dims, meta.kind, data.len())),
             None => Err(format!("invalid shape {:?}", meta.dims)),
         }
     }
@@ -185,9 +158,7 @@ mod tests {
 
     #[test]
     fn non_contiguous_tensors_travel_in_logical_order() {
-        let t = Tensor::arange(6, (Kind::Float, tch::Device::Cpu))
-            .view([2, 3])
-            .tr();
+        let t = Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([2, 3]).tr();
         let bytes = TensorMeta::encode_tensor(&t).expect("encode");
         let (meta, data) = TensorMeta::decode(&bytes).expect("decode");
         assert!(meta.to_tensor(data).expect("rebuild").equal(&t));

@@ -23,11 +23,7 @@ pub(super) fn chunk_range(len: usize, parts: usize, i: usize) -> Range<usize> {
 }
 
 /// Borrows two disjoint ranges of `buf`, the first shared and the second mutable.
-pub(super) fn split_pair<T>(
-    buf: &mut [T],
-    shared: Range<usize>,
-    exclusive: Range<usize>,
-) -> (&[T], &mut [T]) {
+pub(super) fn split_pair<T>(buf: &mut [T], shared: Range<usize>, exclusive: Range<usize>) -> (&[T], &mut [T]) {
     if shared.end <= exclusive.start {
         let (head, tail) = buf.split_at_mut(exclusive.start);
         (&head[shared], &mut tail[..exclusive.len()])
@@ -51,10 +47,7 @@ fn exchange<R>(
     const RECV: u8 = 2;
     let first_failure = AtomicU8::new(NONE);
     let record_failure = |side: u8| {
-        if first_failure
-            .compare_exchange(NONE, side, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if first_failure.compare_exchange(NONE, side, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             links.shutdown();
         }
     };
@@ -70,9 +63,7 @@ fn exchange<R>(
         if received.is_err() {
             record_failure(RECV);
         }
-        let sent = sender
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let sent = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         match (sent, received) {
             (Ok(()), received) => received,
             (Err(e), Ok(_)) => Err(e),
@@ -101,11 +92,8 @@ pub(super) fn ring_all_reduce<T: Element>(
     // Reduce-scatter: after step s, chunk (rank - s - 1) holds the sum over s + 2 ranks; at the end
     // this rank holds the full sum of chunk (rank + 1).
     for s in 0..steps {
-        let (send, recv) = split_pair(
-            buf,
-            chunk((rank + world - s) % world),
-            chunk((rank + 2 * world - s - 1) % world),
-        );
+        let (send, recv) =
+            split_pair(buf, chunk((rank + world - s) % world), chunk((rank + 2 * world - s - 1) % world));
         let step = s as u32;
         exchange(
             links,
@@ -122,11 +110,7 @@ pub(super) fn ring_all_reduce<T: Element>(
     }
     // All-gather of the reduced chunks: step s forwards chunk (rank + 1 - s), receives chunk (rank - s).
     for s in 0..steps {
-        let (send, recv) = split_pair(
-            buf,
-            chunk((rank + 1 + world - s) % world),
-            chunk((rank + world - s) % world),
-        );
+        let (send, recv) = split_pair(buf, chunk((rank + 1 + world - s) % world), chunk((rank + world - s) % world));
         let step = (steps + s) as u32;
         exchange(
             links,
@@ -140,14 +124,7 @@ pub(super) fn ring_all_reduce<T: Element>(
             },
             || {
                 let dst: &mut [u8] = bytemuck::cast_slice_mut(recv);
-                links.left.read_fixed_header(
-                    op,
-                    OpCode::AllReduce,
-                    T::WIRE_CODE,
-                    step,
-                    seq,
-                    dst.len(),
-                )?;
+                links.left.read_fixed_header(op, OpCode::AllReduce, T::WIRE_CODE, step, seq, dst.len())?;
                 links.left.read_raw(op, dst)
             },
         )?;
@@ -163,14 +140,7 @@ fn recv_and_add<T: Element>(
     seq: u64,
     dst: &mut [T],
 ) -> Result<(), CommError> {
-    link.read_fixed_header(
-        op,
-        OpCode::AllReduce,
-        T::WIRE_CODE,
-        step,
-        seq,
-        std::mem::size_of_val(dst),
-    )?;
+    link.read_fixed_header(op, OpCode::AllReduce, T::WIRE_CODE, step, seq, std::mem::size_of_val(dst))?;
     if dst.is_empty() {
         return Ok(());
     }
@@ -205,11 +175,7 @@ pub(super) fn ring_all_gather(
         let step = s as u32;
         let received = exchange(
             links,
-            || {
-                links
-                    .right
-                    .write_frame(op, FrameHeader::new(code, 0, step, seq, send.len()), send)
-            },
+            || links.right.write_frame(op, FrameHeader::new(code, 0, step, seq, send.len()), send),
             || {
                 let len = links.left.read_variable_header(op, code, step, seq)?;
                 let mut block = vec![0u8; len];
@@ -234,21 +200,12 @@ pub(super) fn ring_broadcast(
     buf: &mut Vec<u8>,
 ) -> Result<(), CommError> {
     if rank == root {
-        return links.right.write_frame(
-            op,
-            FrameHeader::new(OpCode::Broadcast, 0, 0, seq, buf.len()),
-            buf,
-        );
+        return links.right.write_frame(op, FrameHeader::new(OpCode::Broadcast, 0, 0, seq, buf.len()), buf);
     }
-    let len = links
-        .left
-        .read_variable_header(op, OpCode::Broadcast, 0, seq)?;
+    let len = links.left.read_variable_header(op, OpCode::Broadcast, 0, seq)?;
     let forward = links.right.peer_rank != root;
     if forward {
-        links.right.write_raw(
-            op,
-            &FrameHeader::new(OpCode::Broadcast, 0, 0, seq, len).encode(),
-        )?;
+        links.right.write_raw(op, &FrameHeader::new(OpCode::Broadcast, 0, 0, seq, len).encode())?;
     }
     buf.clear();
     buf.resize(len, 0);

@@ -91,10 +91,7 @@ impl TcpRing {
         const OP: &str = "connect";
         let world_size = peers.len();
         if world_size == 0 {
-            return Err(CommError::InvalidArgument {
-                op: OP,
-                detail: "empty peer list".to_owned(),
-            });
+            return Err(CommError::InvalidArgument { op: OP, detail: "empty peer list".to_owned() });
         }
         if rank >= world_size {
             return Err(CommError::InvalidArgument {
@@ -103,20 +100,9 @@ impl TcpRing {
             });
         }
         if timeout.is_zero() {
-            return Err(CommError::InvalidArgument {
-                op: OP,
-                detail: "zero timeout".to_owned(),
-            });
+            return Err(CommError::InvalidArgument { op: OP, detail: "zero timeout".to_owned() });
         }
-        let mut ring = TcpRing {
-            rank,
-            world_size,
-            generation,
-            timeout,
-            links: None,
-            seq: 0,
-            poisoned: None,
-        };
+        let mut ring = TcpRing { rank, world_size, generation, timeout, links: None, seq: 0, poisoned: None };
         if world_size == 1 {
             return Ok(ring);
         }
@@ -135,15 +121,7 @@ impl TcpRing {
         right.write_raw(OP, &Hello::new(generation, rank, world_size).encode())?;
 
         let left = Link {
-            stream: accept_left(
-                &listener,
-                rank,
-                left_rank,
-                &peers[left_rank],
-                generation,
-                world_size,
-                deadline,
-            )?,
+            stream: accept_left(&listener, rank, left_rank, &peers[left_rank], generation, world_size, deadline)?,
             peer_rank: left_rank,
             peer_addr: peers[left_rank].clone(),
             timeout,
@@ -173,19 +151,10 @@ impl TcpRing {
             .map_err(handshake_error)?;
 
         for link in [&right, &left] {
-            link.stream
-                .set_nodelay(true)
-                .map_err(|e| CommError::Local { op: OP, source: e })?;
+            link.stream.set_nodelay(true).map_err(|e| CommError::Local { op: OP, source: e })?;
             set_timeouts(link, timeout)?;
         }
-        tracing::debug!(
-            rank,
-            generation,
-            world_size,
-            left = left_rank,
-            right = right_rank,
-            "tcp ring connected"
-        );
+        tracing::debug!(rank, generation, world_size, left = left_rank, right = right_rank, "tcp ring connected");
         ring.links = Some(Links { right, left });
         Ok(ring)
     }
@@ -231,36 +200,21 @@ impl TcpRing {
     pub fn barrier(&mut self) -> Result<(), CommError> {
         const OP: &str = "barrier";
         let (rank, world) = (self.rank, self.world_size);
-        self.run(OP, |links, seq| {
-            ring_all_gather(links, OP, OpCode::Barrier, rank, world, seq, &[])
-        })
-        .map(|_| ())
+        self.run(OP, |links, seq| ring_all_gather(links, OP, OpCode::Barrier, rank, world, seq, &[])).map(|_| ())
     }
 
-    pub(crate) fn all_reduce_sum_as<T: Element>(
-        &mut self,
-        op: &'static str,
-        buf: &mut [T],
-    ) -> Result<(), CommError> {
+    pub(crate) fn all_reduce_sum_as<T: Element>(&mut self, op: &'static str, buf: &mut [T]) -> Result<(), CommError> {
         let (rank, world) = (self.rank, self.world_size);
-        self.run(op, |links, seq| {
-            ring_all_reduce(links, op, rank, world, seq, buf)
-        })
+        self.run(op, |links, seq| ring_all_reduce(links, op, rank, world, seq, buf))
     }
 
-    pub(crate) fn all_gather_bytes_as(
-        &mut self,
-        op: &'static str,
-        local: &[u8],
-    ) -> Result<Vec<Vec<u8>>, CommError> {
+    pub(crate) fn all_gather_bytes_as(&mut self, op: &'static str, local: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         let (rank, world) = (self.rank, self.world_size);
         if world == 1 {
             self.check_usable(op)?;
             return Ok(vec![local.to_vec()]);
         }
-        self.run(op, |links, seq| {
-            ring_all_gather(links, op, OpCode::AllGather, rank, world, seq, local)
-        })
+        self.run(op, |links, seq| ring_all_gather(links, op, OpCode::AllGather, rank, world, seq, local))
     }
 
     pub(crate) fn broadcast_bytes_as(
@@ -276,17 +230,12 @@ impl TcpRing {
                 detail: format!("root {root} out of range for world size {world}"),
             });
         }
-        self.run(op, |links, seq| {
-            ring_broadcast(links, op, rank, seq, root, buf)
-        })
+        self.run(op, |links, seq| ring_broadcast(links, op, rank, seq, root, buf))
     }
 
     fn check_usable(&self, op: &'static str) -> Result<(), CommError> {
         match &self.poisoned {
-            Some(cause) => Err(CommError::Poisoned {
-                op,
-                cause: cause.clone(),
-            }),
+            Some(cause) => Err(CommError::Poisoned { op, cause: cause.clone() }),
             None => Ok(()),
         }
     }
@@ -321,34 +270,22 @@ impl Drop for TcpRing {
 }
 
 fn remaining(deadline: Instant) -> Duration {
-    deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1))
+    deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1))
 }
 
 fn set_timeouts(link: &Link, timeout: Duration) -> Result<(), CommError> {
     link.stream
         .set_read_timeout(Some(timeout))
         .and_then(|()| link.stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| CommError::Local {
-            op: "connect",
-            source: e,
-        })
+        .map_err(|e| CommError::Local { op: "connect", source: e })
 }
 
 /// Errors worth retrying while the right neighbour is still starting (or its name not yet resolvable).
 fn is_retryable(e: &io::Error) -> bool {
-    !matches!(
-        e.kind(),
-        io::ErrorKind::InvalidInput | io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported
-    )
+    !matches!(e.kind(), io::ErrorKind::InvalidInput | io::ErrorKind::PermissionDenied | io::ErrorKind::Unsupported)
 }
 
-fn connect_with_retry(
-    addr: &str,
-    peer_rank: usize,
-    deadline: Instant,
-) -> Result<TcpStream, CommError> {
+fn connect_with_retry(addr: &str, peer_rank: usize, deadline: Instant) -> Result<TcpStream, CommError> {
     let mut backoff = Duration::from_millis(5);
     loop {
         let error = match connect_once(addr, remaining(deadline)) {
@@ -356,12 +293,7 @@ fn connect_with_retry(
             Err(e) => e,
         };
         if !is_retryable(&error) || Instant::now() >= deadline {
-            return Err(CommError::Peer {
-                op: "connect",
-                peer_rank,
-                peer_addr: addr.to_owned(),
-                source: error,
-            });
+            return Err(CommError::Peer { op: "connect", peer_rank, peer_addr: addr.to_owned(), source: error });
         }
         std::thread::sleep(backoff.min(remaining(deadline)));
         backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
@@ -369,10 +301,7 @@ fn connect_with_retry(
 }
 
 fn connect_once(addr: &str, timeout: Duration) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{addr} resolved to no address"),
-    );
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolved to no address"));
     for socket_addr in addr.to_socket_addrs()? {
         match TcpStream::connect_timeout(&socket_addr, timeout) {
             Ok(stream) => return Ok(stream),
@@ -392,10 +321,7 @@ fn accept_left(
     world_size: usize,
     deadline: Instant,
 ) -> Result<TcpStream, CommError> {
-    let local = |e| CommError::Local {
-        op: "connect",
-        source: e,
-    };
+    let local = |e| CommError::Local { op: "connect", source: e };
     listener.set_nonblocking(true).map_err(local)?;
     let expected = Hello::new(generation, left_rank, world_size);
     let reply = Hello::new(generation, rank, world_size).encode();
@@ -412,9 +338,7 @@ fn accept_left(
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::Interrupted
-                        | io::ErrorKind::ConnectionAborted
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
                 ) => {}
             Err(e) => return Err(local(e)),
         }
@@ -451,13 +375,9 @@ fn accept_hello(
         .and_then(|()| stream.set_write_timeout(Some(remaining(deadline))))
         .map_err(|e| format!("socket set-up failed: {e}"))?;
     let mut hello = [0u8; HELLO_LEN];
-    (&*stream)
-        .read_exact(&mut hello)
-        .map_err(|e| format!("reading the hello failed: {e}"))?;
+    (&*stream).read_exact(&mut hello).map_err(|e| format!("reading the hello failed: {e}"))?;
     Hello::decode(&hello)?.check(expected)?;
-    (&*stream)
-        .write_all(reply)
-        .map_err(|e| format!("answering the hello failed: {e}"))
+    (&*stream).write_all(reply).map_err(|e| format!("answering the hello failed: {e}"))
 }
 
 #[cfg(test)]

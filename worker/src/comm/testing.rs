@@ -9,13 +9,9 @@ use super::tcp::TcpRing;
 pub(crate) const TEST_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(crate) fn bind_listeners(world: usize) -> (Vec<TcpListener>, Vec<String>) {
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener"))
-        .collect();
-    let peers = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("listener address").to_string())
-        .collect();
+    let listeners: Vec<TcpListener> =
+        (0..world).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a loopback listener")).collect();
+    let peers = listeners.iter().map(|l| l.local_addr().expect("listener address").to_string()).collect();
     (listeners, peers)
 }
 
@@ -35,27 +31,17 @@ pub(crate) fn run_listeners<R: Send>(
                 scope.spawn(move || f(rank, listener, peers))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread panicked"))
-            .collect()
+        handles.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
     })
 }
 
-pub(crate) fn run_ranks<R: Send>(
-    world: usize,
-    f: impl Fn(usize, TcpListener, &[String]) -> R + Sync,
-) -> Vec<R> {
+pub(crate) fn run_ranks<R: Send>(world: usize, f: impl Fn(usize, TcpListener, &[String]) -> R + Sync) -> Vec<R> {
     let (listeners, peers) = bind_listeners(world);
     run_listeners(listeners, &peers, f)
 }
 
 /// Forms a ring of `world` ranks (generation 1) and runs `f` with each rank's ring.
-pub(crate) fn with_rings<R: Send>(
-    world: usize,
-    timeout: Duration,
-    f: impl Fn(TcpRing) -> R + Sync,
-) -> Vec<R> {
+pub(crate) fn with_rings<R: Send>(world: usize, timeout: Duration, f: impl Fn(TcpRing) -> R + Sync) -> Vec<R> {
     run_ranks(world, |rank, listener, peers| {
         let ring = TcpRing::connect(listener, rank, peers, 1, timeout)
             .unwrap_or_else(|e| panic!("rank {rank} failed to connect: {e}"));

@@ -6,11 +6,7 @@ use super::*;
 use crate::comm::testing::{TEST_TIMEOUT, run_ranks};
 
 /// Runs `f` on a `CpuCommunicator` per rank (generation 1); results in rank order.
-fn with_comms<R: Send>(
-    world: usize,
-    timeout: Duration,
-    f: impl Fn(CpuCommunicator) -> R + Sync,
-) -> Vec<R> {
+fn with_comms<R: Send>(world: usize, timeout: Duration, f: impl Fn(CpuCommunicator) -> R + Sync) -> Vec<R> {
     run_ranks(world, |rank, listener, peers| {
         let comm = connect_cpu(listener, rank, peers, 1, timeout)
             .unwrap_or_else(|e| panic!("rank {rank} failed to connect: {e}"));
@@ -21,10 +17,7 @@ fn with_comms<R: Send>(
 /// Small integers per rank: sums are exact whatever the order.
 fn rank_tensor(rank: usize, shape: &[i64], kind: Kind) -> Tensor {
     let numel: i64 = shape.iter().product();
-    (Tensor::arange(numel, (Kind::Int64, Device::Cpu)) * 7 + rank as i64 * 5)
-        .remainder(11)
-        .to_kind(kind)
-        .reshape(shape)
+    (Tensor::arange(numel, (Kind::Int64, Device::Cpu)) * 7 + rank as i64 * 5).remainder(11).to_kind(kind).reshape(shape)
 }
 
 #[test]
@@ -42,22 +35,15 @@ fn all_reduce_sum_of_tensors_matches_the_reference() {
                     let mut t = rank_tensor(rank, shape, kind);
                     comm.all_reduce_sum(&mut t).expect("all_reduce_sum");
                     assert_eq!(t.size(), shape);
-                    assert!(
-                        t.equal(&expected),
-                        "world {world}, rank {rank}, {kind:?} {shape:?}"
-                    );
+                    assert!(t.equal(&expected), "world {world}, rank {rank}, {kind:?} {shape:?}");
                 }
                 // Non-contiguous input: summed in logical order, written back in place.
                 let mut t = rank_tensor(rank, &[4, 3], kind).tr();
                 let expected = (0..world)
                     .map(|r| rank_tensor(r, &[4, 3], kind).tr())
                     .fold(Tensor::zeros([3, 4], (kind, Device::Cpu)), |acc, t| acc + t);
-                comm.all_reduce_sum(&mut t)
-                    .expect("all_reduce_sum of a transposed tensor");
-                assert!(
-                    t.equal(&expected),
-                    "world {world}, rank {rank}, transposed {kind:?}"
-                );
+                comm.all_reduce_sum(&mut t).expect("all_reduce_sum of a transposed tensor");
+                assert!(t.equal(&expected), "world {world}, rank {rank}, transposed {kind:?}");
             }
         });
     }
@@ -77,14 +63,9 @@ fn all_reduce_sum_works_on_a_leaf_that_requires_grad() {
 fn all_reduce_sum_refuses_other_kinds_without_touching_the_ring() {
     with_comms(2, TEST_TIMEOUT, |mut comm| {
         let mut t = Tensor::from_slice(&[1i64, 2]);
-        let err = comm
-            .all_reduce_sum(&mut t)
-            .expect_err("int64 is not summed");
+        let err = comm.all_reduce_sum(&mut t).expect_err("int64 is not summed");
         assert!(matches!(err, CommError::Unsupported { .. }), "{err}");
-        assert!(
-            err.to_string().starts_with("all_reduce_sum: unsupported"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("all_reduce_sum: unsupported"), "{err}");
         comm.barrier().expect("the ring is still usable");
     });
 }
@@ -98,20 +79,11 @@ fn all_gather_cat_concatenates_unequal_rows_in_rank_order() {
             for kind in [Kind::Float, Kind::Double, Kind::Int64] {
                 let local = rank_tensor(rank, &[rows(rank), 3, 2], kind);
                 let gathered = comm.all_gather_cat(&local).expect("all_gather_cat");
-                let parts: Vec<Tensor> = (0..world)
-                    .map(|r| rank_tensor(r, &[rows(r), 3, 2], kind))
-                    .collect();
+                let parts: Vec<Tensor> = (0..world).map(|r| rank_tensor(r, &[rows(r), 3, 2], kind)).collect();
                 let expected = Tensor::cat(&parts, 0);
-                assert_eq!(
-                    gathered.size(),
-                    expected.size(),
-                    "world {world}, rank {rank}, {kind:?}"
-                );
+                assert_eq!(gathered.size(), expected.size(), "world {world}, rank {rank}, {kind:?}");
                 assert_eq!(gathered.kind(), kind);
-                assert!(
-                    gathered.equal(&expected),
-                    "world {world}, rank {rank}, {kind:?}"
-                );
+                assert!(gathered.equal(&expected), "world {world}, rank {rank}, {kind:?}");
             }
         });
     }
@@ -121,33 +93,22 @@ fn all_gather_cat_concatenates_unequal_rows_in_rank_order() {
 fn all_gather_cat_reports_the_rank_whose_shape_differs() {
     let results = with_comms(3, TEST_TIMEOUT, |mut comm| {
         let cols = if comm.rank() == 2 { 4 } else { 3 };
-        let err = comm
-            .all_gather_cat(&Tensor::zeros([2, cols], (Kind::Float, Device::Cpu)))
-            .expect_err("shapes differ");
+        let err =
+            comm.all_gather_cat(&Tensor::zeros([2, cols], (Kind::Float, Device::Cpu))).expect_err("shapes differ");
         // Detected after the exchange: the ring stays usable.
         comm.barrier().expect("barrier after a mismatch");
         err
     });
     for (rank, err) in results.into_iter().enumerate() {
-        assert!(
-            matches!(err, CommError::Mismatch { rank: 2, .. }),
-            "rank {rank}: {err}"
-        );
-        assert!(
-            err.to_string().contains("[2, 4] Float"),
-            "rank {rank}: {err}"
-        );
+        assert!(matches!(err, CommError::Mismatch { rank: 2, .. }), "rank {rank}: {err}");
+        assert!(err.to_string().contains("[2, 4] Float"), "rank {rank}: {err}");
     }
 }
 
 #[test]
 fn all_gather_cat_reports_a_kind_mismatch() {
     let results = with_comms(2, TEST_TIMEOUT, |mut comm| {
-        let kind = if comm.rank() == 1 {
-            Kind::Double
-        } else {
-            Kind::Float
-        };
+        let kind = if comm.rank() == 1 { Kind::Double } else { Kind::Float };
         comm.all_gather_cat(&Tensor::zeros([1, 2], (kind, Device::Cpu)))
     });
     for result in results {
@@ -161,11 +122,7 @@ fn broadcast_from_a_non_zero_root() {
     with_comms(3, TEST_TIMEOUT, |mut comm| {
         let root = 2;
         let value = Tensor::arange(20, (Kind::Double, Device::Cpu)).view([4, 5]) * 0.5;
-        let mut t = if comm.rank() == root {
-            value.copy()
-        } else {
-            Tensor::zeros([4, 5], (Kind::Double, Device::Cpu))
-        };
+        let mut t = if comm.rank() == root { value.copy() } else { Tensor::zeros([4, 5], (Kind::Double, Device::Cpu)) };
         comm.broadcast(&mut t, root).expect("broadcast");
         assert!(t.equal(&value), "rank {}", comm.rank());
     });
@@ -208,9 +165,6 @@ fn a_silent_rank_makes_tensor_collectives_fail_with_a_peer_error() {
         };
         let err = result.expect_err("rank 1 left");
         assert!(elapsed < Duration::from_secs(5), "rank {rank}: {elapsed:?}");
-        assert!(
-            err.to_string().contains("all_reduce_sum: peer rank"),
-            "rank {rank}: {err}"
-        );
+        assert!(err.to_string().contains("all_reduce_sum: peer rank"), "rank {rank}: {err}");
     }
 }
