@@ -150,6 +150,26 @@ fn health_and_reflection_are_served() {
                 .into_inner();
             assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving, "{service}");
         }
+        // Reflection lists the contract's services, so grpcurl works without the .proto file.
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let mut reflection = ServerReflectionClient::new(channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream =
+            reflection.server_reflection_info(tokio_stream::iter([req])).await.expect("reflection").into_inner();
+        let resp = stream.message().await.expect("message").expect("one response");
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("unexpected {resp:?}")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for want in ["hcmoco.v1.JobService", "hcmoco.v1.WorkerService", "grpc.health.v1.Health"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+        }
     });
 }
 

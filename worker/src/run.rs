@@ -53,6 +53,9 @@ pub struct RunSummary {
     pub last_loss: Option<f64>,
 }
 
+/// Upper bound of any single call to the coordinator.
+const RPC_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn uri(addr: &str) -> String {
     if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
 }
@@ -64,7 +67,9 @@ async fn connect_and_join(
 ) -> anyhow::Result<(WorkerServiceClient<Channel>, pb::JoinResponse)> {
     let endpoint = Endpoint::from_shared(uri(&opts.coordinator))
         .with_context(|| format!("bad coordinator address {:?}", opts.coordinator))?;
-    let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+    // Every call is bounded (the longest, a rendezvous long poll, answers within ~10 s), so a
+    // black-holed coordinator cannot hang the training thread.
+    let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).timeout(RPC_TIMEOUT).tcp_nodelay(true);
     let deadline = Instant::now() + opts.connect_timeout;
     let mut backoff = Duration::from_millis(100);
     let mut attempts = 0u32;
@@ -288,6 +293,8 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     let a = &ctx.assignment;
     let (rank, world) = (a.rank, a.world_size);
     let generation = a.generation;
+    let span = tracing::info_span!("train", job = %ctx.job_id, worker = %ctx.worker_id, generation, rank);
+    let _entered = span.enter();
 
     // Datasets: the layout and image size must agree across the job's datasets (checked here, once).
     let mut datasets = Vec::new();
@@ -362,6 +369,13 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             .step(&batch, offset, global_rows, work.learning_rate)
             .with_context(|| format!("step {step} (rank {rank})"))?;
         last_loss = Some(out.total);
+        tracing::debug!(
+            step,
+            loss = out.total,
+            compute_ms = out.compute.as_secs_f64() * 1e3,
+            comm_ms = out.comm.as_secs_f64() * 1e3,
+            "step trained"
+        );
 
         let done_steps = step + 1;
         let mut checkpoint_dir = String::new();
