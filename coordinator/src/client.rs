@@ -9,13 +9,9 @@ use tonic::transport::{Channel, Endpoint};
 /// Default coordinator address (loopback: the coordinator binds loopback unless told otherwise).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
 
-/// Normalises `host:port` or `http://host:port` to a URI.
-pub fn uri(addr: &str) -> String {
-    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
-}
-
 pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(uri(addr)).with_context(|| format!("bad coordinator address {addr:?}"))?;
+    let endpoint = Endpoint::from_shared(hcmoco_proto::endpoint_uri(addr))
+        .with_context(|| format!("bad coordinator address {addr:?}"))?;
     endpoint
         .connect_timeout(std::time::Duration::from_secs(5))
         .connect()

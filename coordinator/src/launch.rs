@@ -45,7 +45,8 @@ pub struct LaunchOptions {
 pub struct LaunchOutcome {
     pub job_id: String,
     pub status: pb::JobStatus,
-    pub first_loss: Option<f64>,
+    /// The earliest step whose loss the launcher observed, and that loss.
+    pub first_loss: Option<(u64, f64)>,
 }
 
 /// Finds the `hcmoco-worker` binary: the explicit path, then `HCMOCO_WORKER_BIN`, then next to this
@@ -229,7 +230,7 @@ async fn supervise(
     changed: &mut tokio::sync::watch::Receiver<u64>,
     interrupt: &CancellationToken,
     steps: u64,
-) -> anyhow::Result<(pb::JobStatus, Option<f64>)> {
+) -> anyhow::Result<(pb::JobStatus, Option<(u64, f64)>)> {
     let tty = std::io::stderr().is_terminal();
     let bar = if tty { ProgressBar::new(steps) } else { ProgressBar::hidden() };
     bar.set_style(
@@ -242,7 +243,7 @@ async fn supervise(
     loop {
         let s = coordinator.status(job_id)?;
         if first_loss.is_none() {
-            first_loss = s.latest.as_ref().map(|m| m.loss_total);
+            first_loss = s.latest.as_ref().map(|m| (m.step, m.loss_total));
         }
         bar.set_position(s.committed_steps);
         bar.set_message(progress_message(&s));
@@ -288,14 +289,21 @@ async fn supervise(
 /// The final summary printed by `hcmoco launch`.
 pub fn summary(outcome: &LaunchOutcome, elapsed: Duration) -> String {
     let s = &outcome.status;
+    let secs = elapsed.as_secs_f64().max(1e-9);
     let mut out = format!(
-        "run complete: job {} trained {} steps in {:.1}s\n",
+        "run complete: job {} trained {} steps ({} samples) in {secs:.1}s, {:.1} samples/s overall\n",
         s.job_id,
         s.committed_steps,
-        elapsed.as_secs_f64()
+        s.committed_steps * s.global_batch,
+        (s.committed_steps * s.global_batch) as f64 / secs
     );
-    if let (Some(first), Some(last)) = (outcome.first_loss, s.latest.as_ref().map(|m| m.loss_total)) {
-        out.push_str(&format!("loss {first:.4} (first step) -> {last:.4} (last step)\n"));
+    if let (Some((first_step, first)), Some(last)) = (outcome.first_loss, s.latest.as_ref()) {
+        out.push_str(&format!(
+            "loss {first:.4} (step {}) -> {:.4} (step {})\n",
+            first_step + 1,
+            last.loss_total,
+            last.step + 1
+        ));
     }
     out.push_str(&status::render(s));
     out

@@ -6,6 +6,9 @@ use hcmoco_proto::pb;
 
 use crate::job::wire_state_name;
 
+/// Display order of the loss terms.
+const TERM_ORDER: [&str; 6] = ["rgb_depth", "depth_rgb", "depth_kp", "kp_depth", "rgb_kp", "kp_rgb"];
+
 /// One line per job (for `hcmoco status` without `--job`).
 pub fn render_line(s: &pb::JobStatus) -> String {
     let loss = s.latest.as_ref().map_or("-".to_string(), |m| format!("{:.4}", m.loss_total));
@@ -42,7 +45,10 @@ pub fn render(s: &pb::JobStatus) -> String {
         s.dataset_samples
     );
     if let Some(m) = &s.latest {
-        let terms: Vec<String> = m.loss_terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        let mut terms: Vec<(&String, &f64)> = m.loss_terms.iter().collect();
+        // The method's order (anchor modality first), then any other term by name.
+        terms.sort_by_key(|(k, _)| (TERM_ORDER.iter().position(|t| t == k).unwrap_or(TERM_ORDER.len()), k.as_str()));
+        let terms: Vec<String> = terms.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
         let _ = writeln!(out, "  loss {:.4}  [{}]", m.loss_total, terms.join(", "));
         let _ = writeln!(out, "  lr {:.5}  {:.1} samples/s", m.learning_rate, m.samples_per_sec);
     }

@@ -21,4 +21,9 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hcmoco_v1_descriptor");
 
 pub use config::{ConfigError, JobConfig};
+
+/// A coordinator address as a URI: `host:port` gets `http://`; a full URI is kept.
+pub fn endpoint_uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
 pub use domain::FieldError;

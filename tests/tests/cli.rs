@@ -79,34 +79,29 @@ fn malformed_job_files_name_the_key() {
     let manifest = synth(&tmp.path().join("data"), 8, 16, 0);
     let c = TestCoordinator::start();
     let base = format!("[[data.datasets]]\nmanifest = {:?}\n", manifest.display().to_string());
+    let path = tmp.path().join("job.toml");
+    let submit = |text: &str| {
+        std::fs::write(&path, text).expect("write job file");
+        let out = Command::new(bin("hcmoco"))
+            .arg("submit")
+            .arg(&path)
+            .args(["--coordinator", &c.addr.to_string()])
+            .output()
+            .expect("run hcmoco submit");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
     for (text, key) in [
         (format!("globl_batch = 4\n{base}"), "globl_batch"),
         (format!("[optimizer]\nlearning_rate = 0.1\n{base}"), "learning_rate"),
         (format!("[workers]\nmin = 4\nmax = 2\n{base}"), "workers.max"),
     ] {
-        let path = tmp.path().join("job.toml");
-        std::fs::write(&path, &text).expect("write");
-        let out = Command::new(bin("hcmoco"))
-            .args(["submit"])
-            .arg(&path)
-            .args(["--coordinator", &c.addr.to_string()])
-            .output()
-            .expect("submit");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "accepted: {text}");
+        let (ok, err) = submit(&text);
+        assert!(!ok, "accepted: {text}");
         assert!(err.contains(key) && err.contains("job.toml"), "error should name {key} and the file: {err}");
     }
     // A dataset that does not exist is refused by the coordinator, naming the key.
-    let path = tmp.path().join("job.toml");
-    std::fs::write(&path, "[[data.datasets]]\nmanifest = \"missing/manifest.json\"\n").expect("write");
-    let out = Command::new(bin("hcmoco"))
-        .args(["submit"])
-        .arg(&path)
-        .args(["--coordinator", &c.addr.to_string()])
-        .output()
-        .expect("submit");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("data.datasets[0].manifest"), "{err}");
+    let (ok, err) = submit("[[data.datasets]]\nmanifest = \"missing/manifest.json\"\n");
+    assert!(!ok && err.contains("data.datasets[0].manifest"), "{err}");
     // Straight over gRPC: InvalidArgument naming the key.
     let status = c.rt.block_on(async {
         let mut client = pb::job_service_client::JobServiceClient::connect(c.url()).await.expect("connect");

@@ -56,16 +56,12 @@ pub struct RunSummary {
 /// Upper bound of any single call to the coordinator.
 const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn uri(addr: &str) -> String {
-    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
-}
-
 /// Connects and joins, retrying transport failures with backoff until `timeout`.
 async fn connect_and_join(
     opts: &RunOptions,
     collective_addr: &str,
 ) -> anyhow::Result<(WorkerServiceClient<Channel>, pb::JoinResponse)> {
-    let endpoint = Endpoint::from_shared(uri(&opts.coordinator))
+    let endpoint = Endpoint::from_shared(hcmoco_proto::endpoint_uri(&opts.coordinator))
         .with_context(|| format!("bad coordinator address {:?}", opts.coordinator))?;
     // Every call is bounded (the longest, a rendezvous long poll, answers within ~10 s), so a
     // black-holed coordinator cannot hang the training thread.
