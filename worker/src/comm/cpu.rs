@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
-use super::Communicator;
 use super::error::CommError;
 use super::meta::{TensorMeta, is_transferable};
 use super::tcp::{Element, TcpRing};
+use super::{AbortHandle, Communicator, ReduceOp};
 
 /// Collectives on CPU tensors over a ring of TCP connections.
 #[derive(Debug)]
 pub struct CpuCommunicator {
     ring: TcpRing,
+    /// Set by an `AbortHandle`; checked before every collective.
+    aborted: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Forms the ring (`TcpRing::connect`) and wraps it.
@@ -31,7 +33,14 @@ pub fn connect_cpu(
 
 impl CpuCommunicator {
     pub fn new(ring: TcpRing) -> Self {
-        CpuCommunicator { ring }
+        CpuCommunicator { ring, aborted: Default::default() }
+    }
+
+    fn check_aborted(&self, op: &'static str) -> Result<(), CommError> {
+        match self.aborted.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(reason) => Err(CommError::Aborted { op, reason: reason.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// The ring, for byte-level collectives (e.g. gathering serialized metadata).
@@ -95,21 +104,49 @@ impl Communicator for CpuCommunicator {
         self.ring.generation()
     }
 
-    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<(), CommError> {
-        const OP: &str = "all_reduce_sum";
+    fn abort_handle(&self) -> AbortHandle {
+        let aborted = self.aborted.clone();
+        AbortHandle::new(move |reason| {
+            aborted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.to_string());
+        })
+    }
+
+    fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+        const OP: &str = "all_reduce";
+        self.check_aborted(OP)?;
         check_cpu(OP, t)?;
         match t.kind() {
-            Kind::Float => self.all_reduce_typed::<f32>(OP, t),
-            Kind::Double => self.all_reduce_typed::<f64>(OP, t),
-            kind => Err(CommError::Unsupported {
-                op: OP,
-                detail: format!("tensor kind {kind:?} (Float and Double are summed)"),
-            }),
+            Kind::Float => self.all_reduce_typed::<f32>(OP, t)?,
+            Kind::Double => self.all_reduce_typed::<f64>(OP, t)?,
+            kind => {
+                return Err(CommError::Unsupported {
+                    op: OP,
+                    detail: format!("tensor kind {kind:?} (Float and Double are summed)"),
+                });
+            }
         }
+        if op == ReduceOp::Average {
+            let w = self.world_size() as f64;
+            let _ = tch::no_grad(|| t.f_div_scalar_(w)).map_err(|source| CommError::Tensor { op: OP, source })?;
+        }
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor, CommError> {
+        const OP: &str = "reduce_scatter";
+        let mut flat = t
+            .f_contiguous()
+            .and_then(|c| c.f_reshape([-1]))
+            .map_err(|source| CommError::Tensor { op: OP, source })?
+            .copy();
+        self.all_reduce(&mut flat, op)?;
+        let r = super::ring::chunk_range(flat.numel(), self.world_size(), self.rank());
+        Ok(flat.narrow(0, r.start as i64, (r.end - r.start) as i64))
     }
 
     fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor, CommError> {
         const OP: &str = "all_gather_cat";
+        self.check_aborted(OP)?;
         check_transferable(OP, t)?;
         if t.dim() == 0 {
             return Err(CommError::InvalidArgument {
@@ -164,6 +201,7 @@ impl Communicator for CpuCommunicator {
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
         const OP: &str = "broadcast";
+        self.check_aborted(OP)?;
         check_transferable(OP, t)?;
         let rank = self.ring.rank();
         let mut bytes = if rank == root {
@@ -190,6 +228,7 @@ impl Communicator for CpuCommunicator {
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
+        self.check_aborted("barrier")?;
         self.ring.barrier()
     }
 }

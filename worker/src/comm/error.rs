@@ -43,6 +43,10 @@ pub enum CommError {
     /// libtorch refused a tensor operation while copying data in or out.
     #[error("{op}: tensor operation failed")]
     Tensor { op: &'static str, source: tch::TchError },
+    /// The communicator was aborted through its `AbortHandle` (e.g. the coordinator opened a new
+    /// generation or failed the job).
+    #[error("{op}: aborted: {reason}")]
+    Aborted { op: &'static str, reason: String },
     /// An earlier collective failed; the ring is out of sync and its sockets are closed.
     #[error("{op}: communicator unusable after an earlier failure ({cause})")]
     Poisoned { op: &'static str, cause: String },

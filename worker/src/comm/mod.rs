@@ -34,17 +34,62 @@ mod testing;
 
 pub use cpu::{CpuCommunicator, connect_cpu};
 pub use error::CommError;
+pub use ring::chunk_range;
 pub use tcp::{Element, TcpRing};
 
+/// How `all_reduce` and `reduce_scatter` combine the ranks' values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Sum,
+    /// Sum divided by the world size.
+    Average,
+}
+
+/// Aborts a communicator from another thread (the heartbeat task, when the coordinator opens a new
+/// generation or fails the job): every blocked or later collective of that communicator returns
+/// `CommError::Aborted` carrying `reason`, promptly. Cheap to clone; calling it twice keeps the first reason.
+#[derive(Clone)]
+pub struct AbortHandle {
+    inner: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl AbortHandle {
+    pub fn new(f: impl Fn(&str) + Send + Sync + 'static) -> AbortHandle {
+        AbortHandle { inner: std::sync::Arc::new(f) }
+    }
+
+    pub fn abort(&self, reason: &str) {
+        (self.inner)(reason)
+    }
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortHandle")
+    }
+}
+
 /// Collectives on tensors across the ranks of one generation.
+///
+/// Element kinds: Float, Double and BFloat16 for the reductions (bf16 sums in f32 and rounds once per
+/// ring step); any kind for gathers and broadcasts. A communicator belongs to one generation, carries a
+/// timeout, can be aborted through [`Communicator::abort_handle`], and tears its transport down on drop.
 pub trait Communicator: Send {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     fn generation(&self) -> u64;
-    /// In-place sum over ranks. CPU tensors of kind Float or Double; any shape; made contiguous.
-    /// Every rank ends with bit-identical values. Ranks must pass the same number of elements (checked);
-    /// the shapes themselves are not compared.
-    fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CommError>;
+    /// A handle that aborts this communicator from another thread.
+    fn abort_handle(&self) -> AbortHandle;
+    /// In-place reduction over ranks; any shape; made contiguous. Every rank ends with bit-identical
+    /// values. Ranks must pass the same number of elements (checked); shapes themselves are not compared.
+    fn all_reduce(&mut self, t: &mut tch::Tensor, op: ReduceOp) -> Result<(), CommError>;
+    /// In-place sum over ranks (`all_reduce` with [`ReduceOp::Sum`]).
+    fn all_reduce_sum(&mut self, t: &mut tch::Tensor) -> Result<(), CommError> {
+        self.all_reduce(t, ReduceOp::Sum)
+    }
+    /// Reduces `t` (same number of elements on every rank, flattened) and returns this rank's chunk of
+    /// the result as a 1-D tensor: chunk `r` is elements `[r*n/W, (r+1)*n/W)` (`chunk_range`).
+    fn reduce_scatter(&mut self, t: &tch::Tensor, op: ReduceOp) -> Result<tch::Tensor, CommError>;
     /// Concatenate along dim 0 the tensors of all ranks in rank order; dim 0 may differ per rank
     /// (including 0 rows), the other dims and the kind must agree (checked: mismatch is an error naming the rank).
     fn all_gather_cat(&mut self, t: &tch::Tensor) -> Result<tch::Tensor, CommError>;

@@ -15,7 +15,7 @@ pub(super) const PIECE_BYTES: usize = 256 * 1024;
 
 /// Range of chunk `i` when `len` elements are split into `parts` near-equal chunks (the first
 /// `len % parts` chunks hold one element more).
-pub(super) fn chunk_range(len: usize, parts: usize, i: usize) -> Range<usize> {
+pub fn chunk_range(len: usize, parts: usize, i: usize) -> Range<usize> {
     let base = len / parts;
     let extra = len % parts;
     let start = i * base + i.min(extra);

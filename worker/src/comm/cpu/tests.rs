@@ -33,7 +33,7 @@ fn all_reduce_sum_of_tensors_matches_the_reference() {
                         .map(|r| rank_tensor(r, shape, kind))
                         .fold(Tensor::zeros(shape, (kind, Device::Cpu)), |acc, t| acc + t);
                     let mut t = rank_tensor(rank, shape, kind);
-                    comm.all_reduce_sum(&mut t).expect("all_reduce_sum");
+                    comm.all_reduce_sum(&mut t).expect("all_reduce");
                     assert_eq!(t.size(), shape);
                     assert!(t.equal(&expected), "world {world}, rank {rank}, {kind:?} {shape:?}");
                 }
@@ -53,7 +53,7 @@ fn all_reduce_sum_of_tensors_matches_the_reference() {
 fn all_reduce_sum_works_on_a_leaf_that_requires_grad() {
     with_comms(2, TEST_TIMEOUT, |mut comm| {
         let mut t = Tensor::ones([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        comm.all_reduce_sum(&mut t).expect("all_reduce_sum");
+        comm.all_reduce_sum(&mut t).expect("all_reduce");
         assert!(t.equal(&Tensor::full([3], 2.0, (Kind::Float, Device::Cpu))));
         assert!(t.requires_grad());
     });
@@ -65,7 +65,7 @@ fn all_reduce_sum_refuses_other_kinds_without_touching_the_ring() {
         let mut t = Tensor::from_slice(&[1i64, 2]);
         let err = comm.all_reduce_sum(&mut t).expect_err("int64 is not summed");
         assert!(matches!(err, CommError::Unsupported { .. }), "{err}");
-        assert!(err.to_string().starts_with("all_reduce_sum: unsupported"), "{err}");
+        assert!(err.to_string().starts_with("all_reduce: unsupported"), "{err}");
         comm.barrier().expect("the ring is still usable");
     });
 }
@@ -165,6 +165,6 @@ fn a_silent_rank_makes_tensor_collectives_fail_with_a_peer_error() {
         };
         let err = result.expect_err("rank 1 left");
         assert!(elapsed < Duration::from_secs(5), "rank {rank}: {elapsed:?}");
-        assert!(err.to_string().contains("all_reduce_sum: peer rank"), "rank {rank}: {err}");
+        assert!(err.to_string().contains("all_reduce: peer rank"), "rank {rank}: {err}");
     }
 }
