@@ -26,6 +26,7 @@ mod error;
 mod frame;
 mod link;
 mod meta;
+pub mod nccl;
 mod ring;
 mod tcp;
 
