@@ -226,11 +226,13 @@ pub struct CollectiveConfig {
     pub backend: String,
     /// A collective that makes no progress for this long fails, naming the peer.
     pub timeout_ms: u64,
+    /// Gradient fusion: gradients are all-reduced in buckets of this many MiB (0: one per tensor).
+    pub bucket_mb: f64,
 }
 
 impl Default for CollectiveConfig {
     fn default() -> Self {
-        CollectiveConfig { backend: "cpu".into(), timeout_ms: 30_000 }
+        CollectiveConfig { backend: "cpu".into(), timeout_ms: 30_000, bucket_mb: 25.0 }
     }
 }
 
@@ -374,6 +376,9 @@ impl JobConfig {
                 "collective.backend",
                 format!("unknown backend {:?} (known: \"cpu\")", self.collective.backend),
             ));
+        }
+        if !(self.collective.bucket_mb.is_finite() && self.collective.bucket_mb >= 0.0) {
+            return Err(ConfigError::invalid("collective.bucket_mb", "must be >= 0"));
         }
         if self.collective.timeout_ms == 0 {
             return Err(ConfigError::invalid("collective.timeout_ms", "must be at least 1"));

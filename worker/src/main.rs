@@ -39,10 +39,74 @@ enum Cmd {
         #[arg(long)]
         dump_state: Option<PathBuf>,
     },
+    /// Collective benchmarks (one process per rank).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
     /// Dataset tools.
     Data {
         #[command(subcommand)]
         command: DataCmd,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct BenchArgs {
+    /// Ranks (processes) on this machine.
+    #[arg(long, default_value_t = 2)]
+    world: usize,
+    /// `cpu` (the TCP ring).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Comma-separated byte counts (suffixes K, M, G allowed).
+    #[arg(long, default_value = "16777216,67108864")]
+    sizes: String,
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// f32, f64 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value_t = 30_000)]
+    timeout_ms: u64,
+    /// For `grads`: bucket size in MiB (0: one all-reduce per tensor).
+    #[arg(long, default_value_t = 25.0)]
+    bucket_mb: f64,
+}
+
+impl BenchArgs {
+    fn spec(&self, op: &str) -> anyhow::Result<hcmoco_worker::bench::BenchSpec> {
+        Ok(hcmoco_worker::bench::BenchSpec {
+            op: op.to_string(),
+            world: self.world,
+            backend: self.backend.clone(),
+            sizes: hcmoco_worker::bench::parse_sizes(&self.sizes)?,
+            iters: self.iters,
+            warmup: self.warmup,
+            dtype: self.dtype.clone(),
+            timeout: Duration::from_millis(self.timeout_ms),
+            bucket_mb: self.bucket_mb,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// All-reduce bandwidth: `bytes=... time_ms=... algbw_GBps=... busbw_GBps=...` per size.
+    Allreduce(BenchArgs),
+    /// Reducing the default model's gradients: fused buckets (--bucket-mb) against per tensor (0).
+    Grads(BenchArgs),
+    /// One rank of a benchmark (spawned by the two above).
+    #[command(hide = true)]
+    Rank {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        op: String,
+        #[command(flatten)]
+        args: BenchArgs,
     },
 }
 
@@ -95,6 +159,11 @@ fn main() {
                 )
             })
         }
+        Cmd::Bench { command } => match command {
+            BenchCmd::Allreduce(a) => a.spec("allreduce").and_then(|s| hcmoco_worker::bench::run_parent(&s)),
+            BenchCmd::Grads(a) => a.spec("grads").and_then(|s| hcmoco_worker::bench::run_parent(&s)),
+            BenchCmd::Rank { rank, op, args } => args.spec(&op).and_then(|s| hcmoco_worker::bench::run_rank(&s, rank)),
+        },
         Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction } } => {
             let cfg =
                 hcmoco_data::SynthConfig { samples, image_size: size, seed, depth_fraction, ..Default::default() };

@@ -326,8 +326,15 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     let comm =
         connect_cpu(listener, rank as usize, &peers, generation, timeout).context("cannot form the collective ring")?;
     let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, Device::Cpu);
-    let mut trainer =
-        Trainer::new(model, Box::new(comm), cfg.optimizer.momentum, cfg.optimizer.weight_decay, cfg.loss.temperature);
+    let bucket_bytes = (cfg.collective.bucket_mb * 1048576.0) as usize;
+    let mut trainer = Trainer::new(
+        model,
+        Box::new(comm),
+        cfg.optimizer.momentum,
+        cfg.optimizer.weight_decay,
+        cfg.loss.temperature,
+        bucket_bytes,
+    );
     trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
     eprintln!("rank {rank}: ring formed, weights synchronised");
 

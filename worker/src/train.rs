@@ -6,8 +6,9 @@
 //!    of the share with respect to every gathered row comes out.
 //! 4. All-reduce (sum) those embedding gradients: each rank now holds the single-process gradient of
 //!    its own rows, and backpropagates it through its encoders.
-//! 5. All-reduce (sum, not average) the parameter gradients, fused into one bucket together with the
-//!    term values; a parameter without a gradient this step is packed as zeros on every rank.
+//! 5. All-reduce (sum, not average) the parameter gradients, fused into fixed-size buckets in the
+//!    same order on every rank (a parameter without a gradient this step is packed as zeros), and the
+//!    six term values.
 //! 6. SGD step (identical on every rank), then broadcast BatchNorm running statistics from rank 0.
 
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
 
 use crate::batch::Batch;
+use crate::buckets::BucketPlan;
 use crate::comm::{CommError, Communicator};
 use crate::loss::{self, TERMS};
 use crate::model::{Model, flatten, unflatten_into};
@@ -47,6 +49,8 @@ pub struct Trainer {
     pub opt: Sgd,
     pub comm: Box<dyn Communicator>,
     pub temperature: f64,
+    /// Gradient fusion plan over the parameters (name order).
+    pub buckets: BucketPlan,
 }
 
 struct Clock {
@@ -69,9 +73,13 @@ impl Trainer {
         momentum: f64,
         weight_decay: f64,
         temperature: f64,
+        bucket_bytes: usize,
     ) -> Trainer {
-        let opt = Sgd::new(&model.parameters(), momentum, weight_decay);
-        Trainer { model, opt, comm, temperature }
+        let params = model.parameters();
+        let opt = Sgd::new(&params, momentum, weight_decay);
+        let shapes: Vec<Vec<i64>> = params.iter().map(|(_, p)| p.size()).collect();
+        let buckets = BucketPlan::new(&shapes, model.kind, bucket_bytes);
+        Trainer { model, opt, comm, temperature, buckets }
     }
 
     /// Makes every rank start from rank 0's parameters and buffers.
@@ -158,26 +166,22 @@ impl Trainer {
         if let Some(zc) = &z_depth_c {
             surrogate += (zc * mine.narrow(1, dim, dim).index_select(0, &depth_rows)).sum(None::<Kind>);
         }
-        let grads: Vec<Tensor> = if b > 0 && surrogate.requires_grad() {
+        let grads: Vec<Option<Tensor>> = if b > 0 && surrogate.requires_grad() {
             Tensor::run_backward(&[&surrogate], &param_tensors, false, false)
                 .into_iter()
-                .zip(&param_tensors)
-                .map(|(g, p)| if g.defined() { g } else { p.zeros_like() })
+                .map(|g| g.defined().then_some(g))
                 .collect()
         } else {
-            param_tensors.iter().map(|p| p.zeros_like()).collect()
+            param_tensors.iter().map(|_| None).collect()
         };
 
-        // 5. One bucket: every parameter gradient, then the six term shares; summed over ranks.
-        let terms_local = Tensor::from_slice(&share.terms).to_kind(kind);
-        let mut bucket = Tensor::cat(&[flatten(&grads, kind), terms_local], 0);
-        clock.time(|| self.comm.all_reduce_sum(&mut bucket))?;
-        let n = bucket.size()[0];
-        let summed_grads = bucket.narrow(0, 0, n - 6);
-        let reduced: Vec<Tensor> = grads.iter().map(Tensor::zeros_like).collect();
-        unflatten_into(&summed_grads, &reduced);
-        let terms_v: Vec<f64> =
-            Vec::try_from(&bucket.narrow(0, n - 6, 6).to_kind(Kind::Double)).unwrap_or_else(|_| vec![f64::NAN; 6]);
+        // 5. Parameter gradients summed over ranks in fused buckets (a missing gradient packs as
+        //    zeros); the six term shares summed in f64.
+        let comm = self.comm.as_mut();
+        let reduced = clock.time(|| self.buckets.all_reduce(comm, &grads))?;
+        let mut terms_t = Tensor::from_slice(&share.terms);
+        clock.time(|| self.comm.all_reduce_sum(&mut terms_t))?;
+        let terms_v: Vec<f64> = Vec::try_from(&terms_t).unwrap_or_else(|_| vec![f64::NAN; 6]);
         let mut terms = [0.0; 6];
         terms.copy_from_slice(&terms_v);
         let total: f64 = terms.iter().sum();
