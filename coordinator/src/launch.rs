@@ -74,19 +74,28 @@ pub fn find_worker_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-/// Builds the job config of a local launch.
-pub fn local_config(opts: &LaunchOptions, manifest: &Path) -> anyhow::Result<JobConfig> {
+/// Builds the job config of a local launch. The job file (or the embedded default) is the base;
+/// `--data` replaces its datasets (a default job with no `--data` trains on `manifest`, the generated
+/// set); `--workers` and `--steps` override; the default job checkpoints under the output directory.
+pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::Result<JobConfig> {
+    if let Some(0) = opts.steps {
+        bail!("--steps must be at least 1");
+    }
+    let data = opts.data.as_deref().or(generated);
     let mut cfg = match &opts.job_file {
         Some(path) => crate::client::load_job_file(path)?,
-        None => JobConfig::from_toml(&format!(
-            "{}\n[[data.datasets]]\nmanifest = {:?}\n",
-            crate::DEFAULT_JOB_TOML,
-            manifest.display().to_string()
-        ))
-        .context("embedded default job file")?,
+        None => {
+            let manifest = data.context("the default job needs a dataset: --data, or a generated one")?;
+            JobConfig::from_toml(&format!(
+                "{}\n[[data.datasets]]\nmanifest = {:?}\n",
+                crate::DEFAULT_JOB_TOML,
+                manifest.display().to_string()
+            ))
+            .context("embedded default job file")?
+        }
     };
-    if opts.job_file.is_none() || cfg.data.datasets.is_empty() {
-        cfg.data.datasets = vec![DatasetConfig { manifest: manifest.display().to_string(), weight: 1.0 }];
+    if let Some(m) = data {
+        cfg.data.datasets = vec![DatasetConfig { manifest: m.display().to_string(), weight: 1.0 }];
     }
     cfg.workers.min = opts.workers;
     cfg.workers.max = opts.workers;
@@ -134,9 +143,11 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
         .with_context(|| format!("cannot create {}", out.join("logs").display()))?;
     let worker_bin = find_worker_bin(opts.worker_bin.as_deref())?;
 
-    let manifest = match &opts.data {
-        Some(m) => std::path::absolute(m)?,
-        None => {
+    // Data: --data, else the job file's datasets, else a synthetic set generated under OUT/data.
+    let opts = LaunchOptions { data: opts.data.as_deref().map(std::path::absolute).transpose()?, ..opts };
+    let generated = match (&opts.data, &opts.job_file) {
+        (Some(_), _) | (None, Some(_)) => None,
+        (None, None) => Some({
             let dir = out.join("data");
             let manifest = dir.join("manifest.json");
             if manifest.is_file() {
@@ -161,9 +172,9 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
                 eprintln!("  {} samples ({} with depth) in {:.1}s", m.samples, with_depth, t.elapsed().as_secs_f64());
             }
             manifest
-        }
+        }),
     };
-    let cfg = local_config(&opts, &manifest)?;
+    let cfg = local_config(&opts, generated.as_deref())?;
     std::fs::write(out.join("job.toml"), cfg.to_toml())
         .with_context(|| format!("cannot write {}", out.join("job.toml").display()))?;
 
@@ -286,16 +297,26 @@ async fn supervise(
     }
 }
 
+/// Samples in the first `steps` steps of a plan with global batch `g` over `n` samples per epoch (the
+/// last step of an epoch may be smaller).
+pub fn samples_trained(steps: u64, g: u64, n: u64) -> u64 {
+    if g == 0 || n == 0 {
+        return 0;
+    }
+    let per_epoch = n.div_ceil(g);
+    (steps / per_epoch) * n + ((steps % per_epoch) * g).min(n)
+}
+
 /// The final summary printed by `hcmoco launch`.
 pub fn summary(outcome: &LaunchOutcome, elapsed: Duration) -> String {
     let s = &outcome.status;
     let secs = elapsed.as_secs_f64().max(1e-9);
+    let samples = samples_trained(s.committed_steps, s.global_batch, s.dataset_samples);
     let mut out = format!(
-        "run complete: job {} trained {} steps ({} samples) in {secs:.1}s, {:.1} samples/s overall\n",
+        "run complete: job {} trained {} steps ({samples} samples) in {secs:.1}s, {:.1} samples/s overall\n",
         s.job_id,
         s.committed_steps,
-        s.committed_steps * s.global_batch,
-        (s.committed_steps * s.global_batch) as f64 / secs
+        samples as f64 / secs
     );
     if let (Some((first_step, first)), Some(last)) = (outcome.first_loss, s.latest.as_ref()) {
         out.push_str(&format!(
@@ -307,4 +328,51 @@ pub fn summary(outcome: &LaunchOutcome, elapsed: Duration) -> String {
     }
     out.push_str(&status::render(s));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_trained_counts_short_last_steps() {
+        // 10 samples, batch 4: steps of 4, 4, 2 per epoch.
+        assert_eq!(samples_trained(2, 4, 10), 8);
+        assert_eq!(samples_trained(3, 4, 10), 10);
+        assert_eq!(samples_trained(4, 4, 10), 14);
+        assert_eq!(samples_trained(0, 4, 10), 0);
+    }
+
+    fn opts(job_file: Option<PathBuf>, data: Option<PathBuf>) -> LaunchOptions {
+        LaunchOptions {
+            workers: 3,
+            steps: Some(7),
+            out: PathBuf::from("/runs/x"),
+            data,
+            job_file,
+            worker_bin: None,
+            synth_samples: 8,
+            synth_image_size: 16,
+            worker_args: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn data_flag_overrides_the_job_file_and_flags_override_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job = dir.path().join("job.toml");
+        std::fs::write(&job, "steps = 100\n[[data.datasets]]\nmanifest = \"from-file/manifest.json\"\n")
+            .expect("write");
+        let cfg = local_config(&opts(Some(job.clone()), None), None).expect("job file alone");
+        assert!(cfg.data.datasets[0].manifest.ends_with("from-file/manifest.json"));
+        assert_eq!((cfg.steps, cfg.workers.min, cfg.workers.max), (7, 3, 3));
+        let cfg = local_config(&opts(Some(job), Some(PathBuf::from("/d/manifest.json"))), None).expect("with --data");
+        assert_eq!(cfg.data.datasets.len(), 1);
+        assert_eq!(cfg.data.datasets[0].manifest, "/d/manifest.json");
+        let cfg = local_config(&opts(None, None), Some(Path::new("/gen/manifest.json"))).expect("default job");
+        assert_eq!(cfg.data.datasets[0].manifest, "/gen/manifest.json");
+        assert_eq!(cfg.checkpoint.dir, "/runs/x/checkpoints");
+        let err = local_config(&LaunchOptions { steps: Some(0), ..opts(None, None) }, None).expect_err("--steps 0");
+        assert!(err.to_string().contains("--steps"), "{err}");
+    }
 }

@@ -109,7 +109,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let on_signal = shutdown.clone();
             tokio::spawn(async move {
                 let _ = tokio::signal::ctrl_c().await;
+                eprintln!("shutting down (Ctrl-C again to exit at once)");
                 on_signal.cancel();
+                let _ = tokio::signal::ctrl_c().await;
+                std::process::exit(130);
             });
             server::run(listener, Coordinator::new(), shutdown).await
         }

@@ -11,6 +11,9 @@ use tokio_util::sync::CancellationToken;
 use crate::service::{JobApi, WorkerApi};
 use crate::state::Coordinator;
 
+/// How long shutdown waits for in-flight calls.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
 /// How often heartbeat leases are checked.
 pub const REAP_EVERY: Duration = Duration::from_millis(250);
 
@@ -40,13 +43,24 @@ pub async fn run(listener: TcpListener, coordinator: Coordinator, shutdown: Canc
     };
 
     tracing::info!(%addr, "coordinator serving");
-    let result = tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(JobServiceServer::new(JobApi { coordinator: coordinator.clone() }))
+        .add_service(JobServiceServer::new(JobApi { coordinator: coordinator.clone(), shutdown: shutdown.clone() }))
         .add_service(WorkerServiceServer::new(WorkerApi::new(coordinator)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned())
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+    // Shutdown drains in-flight calls (a rendezvous long poll, a status stream), bounded by a grace period.
+    let grace = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = serve => r,
+        _ = grace => {
+            tracing::warn!(%addr, "shutdown grace period over, dropping open calls");
+            Ok(())
+        }
+    };
     shutdown.cancel();
     let _ = reaper.await;
     tracing::info!(%addr, "coordinator stopped");

@@ -17,6 +17,8 @@ use crate::state::{Coordinator, RENDEZVOUS_POLL};
 #[derive(Debug, Clone)]
 pub struct JobApi {
     pub coordinator: Coordinator,
+    /// Ends open status streams when the server shuts down.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// WorkerService over a shared [`Coordinator`].
@@ -58,6 +60,7 @@ impl JobService for JobApi {
         let req = domain::JobRef::try_from(req.into_inner())?;
         let mut changed = self.coordinator.subscribe(&req.job_id)?;
         let coordinator = self.coordinator.clone();
+        let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             loop {
@@ -75,6 +78,10 @@ impl JobService for JobApi {
                 tokio::select! {
                     r = changed.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the coordinator is shutting down"))).await;
+                        return;
+                    }
                 }
             }
         });

@@ -109,6 +109,15 @@ impl Job {
         self.changed.send_modify(|v| *v += 1);
     }
 
+    /// "job X is cancelled: why" (the reason is left out when there is none).
+    fn ended_because(&self) -> String {
+        if self.message.is_empty() {
+            format!("job {} is {}", self.id, self.state)
+        } else {
+            format!("job {} is {}: {}", self.id, self.state, self.message)
+        }
+    }
+
     fn set_state(&mut self, to: JobState, message: impl Into<String>) -> Result<(), CoordError> {
         self.state =
             self.state.transition(to).map_err(|e| CoordError::Precondition(format!("job {}: {e}", self.id)))?;
@@ -407,7 +416,7 @@ impl Coordinator {
             worker_id: worker_id.0.clone(),
             job_id: job_id.0.clone(),
             job_config_toml: job.config_toml.clone(),
-            heartbeat_interval_ms: job.config.heartbeat.interval_ms as u32,
+            heartbeat_interval_ms: u32::try_from(job.config.heartbeat.interval_ms).unwrap_or(u32::MAX),
         };
         inner.worker_jobs.insert(worker_id, job_id);
         Ok(resp)
@@ -432,7 +441,7 @@ impl Coordinator {
     fn try_rendezvous(&self, req: &domain::Rendezvous, now: Instant) -> Result<Attempt, CoordError> {
         self.with_worker_job(&req.call.worker_id, |job| {
             if job.state.is_terminal() {
-                return Err(CoordError::Precondition(format!("job {} is {}: {}", job.id, job.state, job.message)));
+                return Err(CoordError::Precondition(job.ended_because()));
             }
             job.worker_mut(&req.call.worker_id)?.bootstrap = Some(req.collective_bootstrap.clone());
             let deadline = job.maybe_seal(now);
@@ -495,12 +504,13 @@ impl Coordinator {
 
     pub fn heartbeat(&self, req: domain::Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
         self.with_worker_job(&req.call.worker_id, |job| {
-            let stop = job.state.is_terminal();
+            // Completed jobs end through FetchWork (`done`); a stop is for failed or cancelled ones.
+            let stop = matches!(job.state, JobState::Failed | JobState::Cancelled);
             Ok(pb::HeartbeatResponse {
                 generation: job.generation.as_ref().map_or(0, |g| g.number),
                 job_state: pb::JobState::from(job.state) as i32,
                 stop,
-                message: if stop { format!("job {} is {}: {}", job.id, job.state, job.message) } else { String::new() },
+                message: if stop { job.ended_because() } else { String::new() },
             })
         })
     }
@@ -510,7 +520,7 @@ impl Coordinator {
             if job.state.is_terminal() || req.step >= job.config.steps {
                 let message = match job.state {
                     JobState::Failed | JobState::Cancelled => {
-                        format!("job {} is {}: {}", job.id, job.state, job.message)
+                        job.ended_because()
                     }
                     _ => String::new(),
                 };
@@ -553,7 +563,7 @@ impl Coordinator {
     pub fn report_step(&self, req: domain::ReportStep) -> Result<pb::ReportStepResponse, CoordError> {
         self.with_worker_job(&req.call.worker_id, |job| {
             if job.state.is_terminal() {
-                return Err(CoordError::Precondition(format!("job {} is {}", job.id, job.state)));
+                return Err(CoordError::Precondition(job.ended_because()));
             }
             let rank = job.member_rank(&req.call)?;
             let step = req.metrics.step;
@@ -578,6 +588,14 @@ impl Coordinator {
 
     pub fn report_failure(&self, req: domain::ReportFailure) -> Result<(), CoordError> {
         self.with_worker_job(&req.call.worker_id, |job| {
+            // A report from an earlier generation must not touch the current one (0: before any).
+            let current = job.generation.as_ref().map_or(0, |g| g.number);
+            if req.call.generation != 0 && req.call.generation != current {
+                return Err(CoordError::Precondition(format!(
+                    "failure report from stale generation {} (current {current}) ignored",
+                    req.call.generation
+                )));
+            }
             let rank = job.rank_of(&req.call.worker_id).map_or("-".to_string(), |r| r.to_string());
             let blame = req.failed_rank.map(|r| format!(" (attributed to rank {r})")).unwrap_or_default();
             tracing::warn!(job = %job.id, worker = %req.call.worker_id, step = req.step, message = %req.message, "worker reported a failure");
@@ -816,6 +834,10 @@ mod tests {
             report(&c, &b, s).expect("report");
         }
         assert_eq!(state(&c, &job), pb::JobState::Completed);
+        // Completion ends through FetchWork's `done`, never as a heartbeat stop (which means failure).
+        let hb =
+            c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 4 }).expect("hb");
+        assert!(!hb.stop);
         assert!(fetch(&c, &a, 1, 4).expect("done").done);
         let st = c.status(&job).expect("status");
         assert_eq!(st.committed_steps, 4);

@@ -222,8 +222,12 @@ impl Default for CheckpointConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CollectiveConfig {
-    /// `cpu`: TCP ring between worker processes.
+    /// `cpu`: a ring between worker processes (TCP, or shared memory between ranks on one host);
+    /// `nccl`: NCCL on CUDA devices.
     pub backend: String,
+    /// For the `cpu` backend: `auto` (shared memory between ranks on the same host, TCP otherwise),
+    /// `tcp`, or `shm` (every neighbour must share the host).
+    pub transport: String,
     /// A collective that makes no progress for this long fails, naming the peer.
     pub timeout_ms: u64,
     /// Gradient fusion: gradients are all-reduced in buckets of this many MiB (0: one per tensor).
@@ -232,7 +236,7 @@ pub struct CollectiveConfig {
 
 impl Default for CollectiveConfig {
     fn default() -> Self {
-        CollectiveConfig { backend: "cpu".into(), timeout_ms: 30_000, bucket_mb: 25.0 }
+        CollectiveConfig { backend: "cpu".into(), transport: "auto".into(), timeout_ms: 30_000, bucket_mb: 25.0 }
     }
 }
 
@@ -371,10 +375,16 @@ impl JobConfig {
         if self.checkpoint.dir.trim().is_empty() {
             return Err(ConfigError::invalid("checkpoint.dir", "must not be empty"));
         }
-        if self.collective.backend != "cpu" {
+        if !["cpu", "nccl"].contains(&self.collective.backend.as_str()) {
             return Err(ConfigError::invalid(
                 "collective.backend",
-                format!("unknown backend {:?} (known: \"cpu\")", self.collective.backend),
+                format!("unknown backend {:?} (known: \"cpu\", \"nccl\")", self.collective.backend),
+            ));
+        }
+        if !["auto", "tcp", "shm"].contains(&self.collective.transport.as_str()) {
+            return Err(ConfigError::invalid(
+                "collective.transport",
+                format!("unknown transport {:?} (known: \"auto\", \"tcp\", \"shm\")", self.collective.transport),
             ));
         }
         if !(self.collective.bucket_mb.is_finite() && self.collective.bucket_mb >= 0.0) {
@@ -446,6 +456,8 @@ mod tests {
             ("[optimizer]\nmomentum = 1.5\n", "optimizer.momentum"),
             ("[loss]\ntemperature = -1.0\n", "loss.temperature"),
             ("[collective]\nbackend = \"mpi\"\n", "collective.backend"),
+            ("[collective]\ntransport = \"rdma\"\n", "collective.transport"),
+            ("[collective]\nbucket_mb = -1.0\n", "collective.bucket_mb"),
         ] {
             let err = JobConfig::from_toml(&format!("{extra}{MINIMAL}")).expect_err(extra);
             assert_eq!(err.key(), Some(key), "{err}");

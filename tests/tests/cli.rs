@@ -14,7 +14,7 @@ fn status_shows_a_running_job() {
     let manifest = synth(&tmp.path().join("data"), 32, 32, 2);
     let c = TestCoordinator::start();
     let job = c.submit(small_job(&manifest, tmp.path(), 2, 100_000, 8));
-    let _workers: Vec<WorkerProc> =
+    let mut workers: Vec<WorkerProc> =
         (0..2).map(|i| WorkerProc::spawn(&c.url(), &job, tmp.path().join(format!("w{i}.log")), &[])).collect();
     c.wait_until(
         &job,
@@ -69,6 +69,12 @@ fn status_shows_a_running_job() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
     let end = c.wait_until(&job, Duration::from_secs(30), |_| {}, is_terminal).expect("ends");
     assert_eq!(state_of(&end), pb::JobState::Cancelled);
+    for w in &mut workers {
+        let code = w.wait(Duration::from_secs(30)).expect("worker exits after the cancel");
+        let log = w.log_text();
+        assert!(!code.success(), "a cancelled worker exits non-zero:\n{log}");
+        assert!(log.contains("cancelled from the command line"), "the worker says why it stopped:\n{log}");
+    }
 }
 
 /// A malformed job file is refused, naming the key: locally by `hcmoco submit`, and by the server

@@ -158,12 +158,14 @@ pub fn run_rank(spec: &BenchSpec, rank: usize) -> anyhow::Result<()> {
         "cpu" => Box::new(connect_cpu(listener, rank, &peers, 1, spec.timeout)?),
         other => bail!("--backend {other:?}: this build benchmarks \"cpu\" (nccl: see hcmoco-worker nccl-check)"),
     };
+    eprintln!("rank {rank}: ring formed");
     let (kind, elem) = kind_of(&spec.dtype)?;
     match spec.op.as_str() {
         "allreduce" => bench_allreduce(comm.as_mut(), spec, kind, elem),
         "grads" => bench_grads(comm.as_mut(), spec, kind),
         other => bail!("unknown benchmark {other:?}"),
     }
+    .with_context(|| format!("rank {rank}"))
 }
 
 /// Mean seconds per iteration of `f`, the slowest rank's, after `warmup` untimed iterations.
@@ -213,7 +215,7 @@ fn bench_grads(comm: &mut dyn Communicator, spec: &BenchSpec, kind: Kind) -> any
         model.parameters().iter().map(|(_, p)| Some(p.detach().to_kind(kind).ones_like())).collect();
     let shapes: Vec<Vec<i64>> = grads.iter().flatten().map(Tensor::size).collect();
     let bytes: usize = grads.iter().flatten().map(|g| g.numel() * g.kind().elt_size_in_bytes()).sum();
-    let plan = crate::buckets::BucketPlan::new(&shapes, kind, (spec.bucket_mb * 1048576.0) as usize);
+    let plan = crate::buckets::BucketPlan::new(&shapes, kind, Device::Cpu, (spec.bucket_mb * 1048576.0) as usize);
     let secs = timed(comm, spec, |c| {
         if spec.bucket_mb <= 0.0 {
             for g in grads.iter().flatten() {

@@ -20,13 +20,15 @@ pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 pub struct BucketPlan {
     shapes: Vec<Vec<i64>>,
     kind: Kind,
+    /// Where packed buckets live (the parameters' device).
+    device: tch::Device,
     /// Tensor index ranges, one per bucket.
     buckets: Vec<Range<usize>>,
 }
 
 impl BucketPlan {
     /// Plans buckets of at most `bucket_bytes` (0: one tensor per bucket).
-    pub fn new(shapes: &[Vec<i64>], kind: Kind, bucket_bytes: usize) -> BucketPlan {
+    pub fn new(shapes: &[Vec<i64>], kind: Kind, device: tch::Device, bucket_bytes: usize) -> BucketPlan {
         let elem = kind.elt_size_in_bytes();
         let mut buckets = Vec::new();
         let (mut start, mut bytes) = (0usize, 0usize);
@@ -41,7 +43,7 @@ impl BucketPlan {
         if start < shapes.len() {
             buckets.push(start..shapes.len());
         }
-        BucketPlan { shapes: shapes.to_vec(), kind, buckets }
+        BucketPlan { shapes: shapes.to_vec(), kind, device, buckets }
     }
 
     pub fn len(&self) -> usize {
@@ -66,8 +68,8 @@ impl BucketPlan {
         let parts: Vec<Tensor> = self.buckets[b]
             .clone()
             .map(|i| match grads.get(i).and_then(Option::as_ref) {
-                Some(g) => g.detach().to_kind(self.kind).reshape([-1]),
-                None => Tensor::zeros([self.numel(i)], (self.kind, tch::Device::Cpu)),
+                Some(g) => g.detach().to_device(self.device).to_kind(self.kind).reshape([-1]),
+                None => Tensor::zeros([self.numel(i)], (self.kind, self.device)),
             })
             .collect();
         Tensor::cat(&parts, 0)
@@ -110,13 +112,13 @@ mod tests {
     #[test]
     fn plan_is_deterministic_and_respects_the_size() {
         // f32: sizes 48, 20, 400, 16, 4 bytes; buckets of 64 bytes.
-        let p = BucketPlan::new(&shapes(), Kind::Float, 64);
+        let p = BucketPlan::new(&shapes(), Kind::Float, tch::Device::Cpu, 64);
         assert_eq!(p.buckets, vec![0..1, 1..2, 2..3, 3..5]);
-        let one = BucketPlan::new(&shapes(), Kind::Float, DEFAULT_BUCKET_BYTES);
+        let one = BucketPlan::new(&shapes(), Kind::Float, tch::Device::Cpu, DEFAULT_BUCKET_BYTES);
         assert_eq!(one.buckets, vec![0..5]);
-        let per_tensor = BucketPlan::new(&shapes(), Kind::Float, 0);
+        let per_tensor = BucketPlan::new(&shapes(), Kind::Float, tch::Device::Cpu, 0);
         assert_eq!(per_tensor.len(), 5);
-        assert!(BucketPlan::new(&[], Kind::Float, 64).is_empty());
+        assert!(BucketPlan::new(&[], Kind::Float, tch::Device::Cpu, 64).is_empty());
     }
 
     #[test]
@@ -128,7 +130,7 @@ mod tests {
             .map(|(i, s)| (i != 1 && i != 4).then(|| Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu))))
             .collect();
         for bytes in [0, 30, 64, 1 << 20] {
-            let plan = BucketPlan::new(&shapes, Kind::Float, bytes);
+            let plan = BucketPlan::new(&shapes, Kind::Float, tch::Device::Cpu, bytes);
             let mut back = Vec::new();
             for b in 0..plan.len() {
                 let flat = plan.pack(b, &grads);

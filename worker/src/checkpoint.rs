@@ -18,8 +18,8 @@ pub struct CheckpointMeta {
     pub job_id: String,
     /// Steps completed (the next step to train).
     pub step: u64,
+    /// Data-plan position of the next step: its epoch and the slot its global batch starts at.
     pub epoch: u64,
-    /// Data-plan position: the epoch slot where the next step's global batch starts.
     pub next_slot_in_epoch: u64,
     pub generation: u64,
     pub world_size: u32,
@@ -50,6 +50,24 @@ fn sync_file(path: &Path) -> anyhow::Result<()> {
     std::fs::File::open(path).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", path.display()))
 }
 
+/// Removes temporaries (`.NAME.tmp-PID`, `.NAME.old-PID`, `.latest.tmp-PID`) left by writers that are
+/// no longer running (this process's own included: it writes one checkpoint at a time).
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix('.').and_then(|n| n.rsplit_once('-')).map(|(_, pid)| pid.to_string()) else {
+            continue;
+        };
+        let ours = pid == std::process::id().to_string();
+        let temporary = name.contains(".tmp-") || name.contains(".old-");
+        if temporary && pid.parse::<u32>().is_ok() && (ours || !Path::new(&format!("/proc/{pid}")).exists()) {
+            let p = e.path();
+            let _ = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        }
+    }
+}
+
 /// Writes a complete checkpoint atomically and returns its directory.
 pub fn write(
     dir: &Path,
@@ -62,9 +80,7 @@ pub fn write(
     let name = format!("step-{:08}", meta.step);
     let final_dir = dir.join(&name);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
-    }
+    remove_stale_temporaries(dir);
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     // The temp names end in .safetensors: libtorch picks the format from the extension.
     let model_path = tmp.join("model.safetensors");
@@ -76,15 +92,21 @@ pub fn write(
     write_file(&tmp.join("meta.json"), serde_json::to_string_pretty(meta)?.as_bytes())?;
     write_file(&tmp.join("job.toml"), job_toml.as_bytes())?;
     fsync_dir(&tmp);
-    if final_dir.exists() {
-        // A re-run of the same step replaces the old copy.
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    // A re-run of the same step replaces the old copy: move it aside first, so that a crash leaves
+    // either copy in place, never neither.
+    let aside = dir.join(format!(".{name}.old-{}", std::process::id()));
+    let replaced = final_dir.exists();
+    if replaced {
+        std::fs::rename(&final_dir, &aside).with_context(|| format!("cannot move {} aside", final_dir.display()))?;
     }
     std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot move {} into place", final_dir.display()))?;
     let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
     write_file(&latest_tmp, format!("{name}\n").as_bytes())?;
     std::fs::rename(&latest_tmp, dir.join("latest")).context("cannot update the latest pointer")?;
     fsync_dir(dir);
+    if replaced {
+        let _ = std::fs::remove_dir_all(&aside);
+    }
     Ok(final_dir)
 }
 
@@ -146,5 +168,16 @@ mod tests {
         let p2 = write(dir.path(), &meta2, &model, &opt, "").expect("write");
         assert_eq!(latest(dir.path()), Some(p2));
         assert!(p.is_dir(), "older checkpoints are kept");
+        // Re-writing a step replaces it; a temporary left by a dead writer is cleaned up.
+        let stale = dir.path().join(".step-00000003.tmp-4000000000");
+        std::fs::create_dir(&stale).expect("stale temp");
+        let again = write(dir.path(), &meta2, &model, &opt, "x").expect("rewrite");
+        assert_eq!(std::fs::read_to_string(again.join("job.toml")).expect("toml"), "x");
+        assert!(!stale.exists());
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".tmp") && !n.contains(".old")), "{names:?}");
     }
 }

@@ -149,7 +149,13 @@ fn main() {
                 host_id: host_id.unwrap_or_else(host_name),
                 bind,
                 advertise_addr,
-                connect_timeout: Duration::from_secs_f64(connect_timeout_secs.max(0.0)),
+                connect_timeout: match Duration::try_from_secs_f64(connect_timeout_secs) {
+                    Ok(d) => d,
+                    Err(_) => {
+                        eprintln!("error: --connect-timeout-secs {connect_timeout_secs}: expected a finite number of seconds >= 0");
+                        std::process::exit(2);
+                    }
+                },
                 dump_state,
             })
             .map(|s| {

@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::batch;
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::comm::connect_cpu;
+use crate::comm::{AbortHandle, Communicator, connect_cpu};
 use crate::model::Model;
 use crate::train::{Trainer, term_names};
 
@@ -107,8 +107,37 @@ async fn connect_and_join(
     }
 }
 
-/// Shared between the heartbeat task and the training thread: why the worker must stop, if it must.
-type StopFlag = Arc<Mutex<Option<String>>>;
+/// Shared between the heartbeat task and the training thread: why the worker must stop, if it must,
+/// and the communicator to abort so that a rank blocked in a collective stops at once.
+#[derive(Default)]
+struct Stop {
+    reason: Mutex<Option<String>>,
+    abort: Mutex<Option<AbortHandle>>,
+}
+
+impl Stop {
+    fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records why the worker must stop (the first reason wins) and aborts the communicator.
+    fn trigger(&self, why: String) {
+        let reason = self.reason.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why).clone();
+        if let Some(h) = self.abort.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            h.abort(&reason);
+        }
+    }
+
+    /// Registers the communicator's abort handle (aborting at once if a stop already came).
+    fn set_abort(&self, handle: AbortHandle) {
+        if let Some(reason) = self.reason() {
+            handle.abort(&reason);
+        }
+        *self.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+    }
+}
+
+type StopFlag = Arc<Stop>;
 
 #[allow(clippy::too_many_arguments)]
 fn spawn_heartbeats(
@@ -123,6 +152,8 @@ fn spawn_heartbeats(
 ) {
     rt.spawn(async move {
         let mut last_ok = Instant::now();
+        // A heartbeat that does not answer within this long counts as missed.
+        let call_limit = interval.max(Duration::from_secs(1));
         loop {
             tokio::time::sleep(interval).await;
             let gen_now = *generation.lock().unwrap_or_else(|p| p.into_inner());
@@ -131,25 +162,22 @@ fn spawn_heartbeats(
                 generation: gen_now,
                 step: step.load(Ordering::Relaxed),
             };
-            match client.heartbeat(req).await {
-                Ok(r) => {
+            let error = match tokio::time::timeout(call_limit, client.heartbeat(req)).await {
+                Ok(Ok(r)) => {
                     last_ok = Instant::now();
                     let r = r.into_inner();
                     if r.stop {
-                        *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(r.message);
+                        stop.trigger(r.message);
                         return;
                     }
+                    continue;
                 }
-                Err(s) => {
-                    if last_ok.elapsed() > silence_limit {
-                        *stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
-                            "lost contact with the coordinator for {:.0?}: {}",
-                            last_ok.elapsed(),
-                            s.message()
-                        ));
-                        return;
-                    }
-                }
+                Ok(Err(s)) => s.message().to_string(),
+                Err(_) => format!("no answer within {call_limit:.0?}"),
+            };
+            if last_ok.elapsed() > silence_limit {
+                stop.trigger(format!("lost contact with the coordinator for {:.0?}: {error}", last_ok.elapsed()));
+                return;
             }
         }
     });
@@ -182,7 +210,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     eprintln!("worker {} joined job {} (collective address {collective_addr})", joined.worker_id, joined.job_id);
 
     let generation = Arc::new(Mutex::new(0u64));
-    let stop: StopFlag = Arc::new(Mutex::new(None));
+    let stop: StopFlag = Arc::new(Stop::default());
     let current_step = Arc::new(AtomicU64::new(0));
     spawn_heartbeats(
         &rt,
@@ -199,7 +227,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let assignment = rt.block_on(async {
         let mut c = client.clone();
         loop {
-            if let Some(why) = stop.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            if let Some(why) = stop.reason() {
                 bail!("stopped before training: {why}");
             }
             let r = c
@@ -234,7 +262,16 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     // Tensor work on its own OS thread, never on the runtime's workers.
     let trainer = std::thread::Builder::new().name("hcmoco-train".into()).spawn(move || train_loop(ctx, listener))?;
-    let result = trainer.join().map_err(|_| anyhow::anyhow!("the training thread panicked"))?;
+    // A panic on the training thread (libtorch refusing an operation) is a failure like any other:
+    // it is reported with its message.
+    let result = trainer.join().unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(anyhow::anyhow!("the training thread panicked: {what}"))
+    });
     if let Err(e) = &result {
         // Best effort: tell the coordinator, so the job's status names the failure.
         let req = pb::ReportFailureRequest {
@@ -321,10 +358,13 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         }
     }
 
+    let epoch_len: u64 = datasets.iter().map(Dataset::len).sum();
     let peers: Vec<String> = a.peers.iter().map(|p| p.collective_addr.clone()).collect();
     let timeout = Duration::from_millis(cfg.collective.timeout_ms);
     let comm =
         connect_cpu(listener, rank as usize, &peers, generation, timeout).context("cannot form the collective ring")?;
+    // A stop from the coordinator (job failed or cancelled) aborts a collective this rank is blocked in.
+    ctx.stop.set_abort(comm.abort_handle());
     let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, Device::Cpu);
     let bucket_bytes = (cfg.collective.bucket_mb * 1048576.0) as usize;
     let mut trainer = Trainer::new(
@@ -342,7 +382,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     let mut step = a.start_step;
     let mut last_loss = None;
     loop {
-        if let Some(why) = ctx.stop.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(why) = ctx.stop.reason() {
             bail!("stopping: {why}");
         }
         ctx.current_step.store(step, Ordering::Relaxed);
@@ -366,6 +406,20 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         let batch = batch::build(&samples, first.layout, (first.image_width, first.image_height), trainer.model.kind)
             .with_context(|| format!("step {step}: cannot build the batch"))?;
         let data_time = t0.elapsed();
+        let slots_ok = work.global_slot_begin <= work.local_slot_begin
+            && work.local_slot_begin <= work.local_slot_end
+            && work.local_slot_end <= work.global_slot_end
+            && work.samples.len() as u64 == work.local_slot_end - work.local_slot_begin;
+        if !slots_ok {
+            bail!(
+                "step {step}: the coordinator sent an inconsistent slice: global [{}, {}), local [{}, {}), {} samples",
+                work.global_slot_begin,
+                work.global_slot_end,
+                work.local_slot_begin,
+                work.local_slot_end,
+                work.samples.len()
+            );
+        }
         let offset = (work.local_slot_begin - work.global_slot_begin) as usize;
         let global_rows = (work.global_slot_end - work.global_slot_begin) as usize;
         let out = trainer
@@ -389,8 +443,9 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 format: checkpoint::FORMAT.into(),
                 job_id: ctx.job_id.clone(),
                 step: done_steps,
-                epoch: work.epoch,
-                next_slot_in_epoch: work.global_slot_end,
+                // Where the next step starts: the next slot of this epoch, or slot 0 of the next.
+                epoch: if work.global_slot_end >= epoch_len { work.epoch + 1 } else { work.epoch },
+                next_slot_in_epoch: if work.global_slot_end >= epoch_len { 0 } else { work.global_slot_end },
                 generation,
                 world_size: world,
                 loss_total: out.total,

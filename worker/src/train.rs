@@ -41,6 +41,8 @@ pub enum StepError {
     RowMismatch { got: i64, want: i64 },
     #[error("non-finite loss {0} (diverged)")]
     NonFinite(f64),
+    #[error("{0}")]
+    Tensor(String),
 }
 
 /// The model, its optimizer and this rank's communicator.
@@ -78,7 +80,7 @@ impl Trainer {
         let params = model.parameters();
         let opt = Sgd::new(&params, momentum, weight_decay);
         let shapes: Vec<Vec<i64>> = params.iter().map(|(_, p)| p.size()).collect();
-        let buckets = BucketPlan::new(&shapes, model.kind, bucket_bytes);
+        let buckets = BucketPlan::new(&shapes, model.kind, model.vs.device(), bucket_bytes);
         Trainer { model, opt, comm, temperature, buckets }
     }
 
@@ -105,17 +107,18 @@ impl Trainer {
         let kind = self.model.kind;
         let b = batch.len() as i64;
         let dim = self.model.embed_dim;
+        let dev = self.model.vs.device();
 
         // 1. Local forward.
         // A rank whose slice is empty (a small last batch) runs no forward but joins every collective.
-        let empty = || Tensor::zeros([0, dim], (kind, tch::Device::Cpu));
+        let empty = || Tensor::zeros([0, dim], (kind, dev));
         let z_rgb = if b > 0 { self.model.rgb.forward(&batch.rgb, true) } else { empty() };
-        let depth_rows = Tensor::from_slice(&batch.depth_rows);
+        let depth_rows = Tensor::from_slice(&batch.depth_rows).to_device(dev);
         let z_depth_c =
             if batch.depth_rows.is_empty() { None } else { Some(self.model.depth.forward(&batch.depth, true)) };
         let z_depth = match &z_depth_c {
-            Some(zc) => Tensor::zeros([b, dim], (kind, tch::Device::Cpu)).index_copy(0, &depth_rows, zc),
-            None => Tensor::zeros([b, dim], (kind, tch::Device::Cpu)),
+            Some(zc) => Tensor::zeros([b, dim], (kind, dev)).index_copy(0, &depth_rows, zc),
+            None => Tensor::zeros([b, dim], (kind, dev)),
         };
         let z_kp = if b > 0 { self.model.kp.forward(&batch.keypoints) } else { empty() };
 
@@ -123,6 +126,7 @@ impl Trainer {
         let mask = |v: &[bool]| {
             Tensor::from_slice(&v.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect::<Vec<f64>>())
                 .to_kind(kind)
+                .to_device(dev)
                 .view([b, 1])
         };
         let local = Tensor::cat(
@@ -136,12 +140,14 @@ impl Trainer {
         }
         let leaves: [Tensor; 3] =
             std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
-        let col = |c: i64| -> Vec<bool> {
-            let v: Vec<f64> =
-                Vec::try_from(&gathered.narrow(1, c, 1).reshape([-1]).to_kind(Kind::Double)).unwrap_or_default();
-            v.iter().map(|&x| x > 0.5).collect()
+        let col = |c: i64| -> Result<Vec<bool>, StepError> {
+            let v = Vec::<f64>::try_from(
+                &gathered.narrow(1, c, 1).reshape([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu),
+            )
+            .map_err(|e| StepError::Tensor(format!("reading the gathered modality masks: {e}")))?;
+            Ok(v.iter().map(|&x| x > 0.5).collect())
         };
-        let has = [vec![true; rows as usize], col(3 * dim), col(3 * dim + 1)];
+        let has = [vec![true; rows as usize], col(3 * dim)?, col(3 * dim + 1)?];
 
         // 3. This rank's share; gradient with respect to every gathered row.
         let share = loss::sample_level_share(&leaves, &has, offset..offset + batch.len(), self.temperature);
@@ -179,9 +185,10 @@ impl Trainer {
         //    zeros); the six term shares summed in f64.
         let comm = self.comm.as_mut();
         let reduced = clock.time(|| self.buckets.all_reduce(comm, &grads))?;
-        let mut terms_t = Tensor::from_slice(&share.terms);
+        let mut terms_t = Tensor::from_slice(&share.terms).to_device(dev);
         clock.time(|| self.comm.all_reduce_sum(&mut terms_t))?;
-        let terms_v: Vec<f64> = Vec::try_from(&terms_t).unwrap_or_else(|_| vec![f64::NAN; 6]);
+        let terms_v = Vec::<f64>::try_from(&terms_t.to_device(tch::Device::Cpu))
+            .map_err(|e| StepError::Tensor(format!("reading the summed loss terms: {e}")))?;
         let mut terms = [0.0; 6];
         terms.copy_from_slice(&terms_v);
         let total: f64 = terms.iter().sum();
