@@ -95,7 +95,7 @@ pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::R
         }
     };
     if let Some(m) = data {
-        cfg.data.datasets = vec![DatasetConfig { manifest: m.display().to_string(), weight: 1.0 }];
+        cfg.data.datasets = vec![DatasetConfig { manifest: m.display().to_string(), weight: None }];
     }
     cfg.workers.min = opts.workers;
     cfg.workers.max = opts.workers;

@@ -1,13 +1,18 @@
 //! The data plan: which sample every rank trains at every step.
 //!
-//! An epoch is a seeded, deterministic sequence of slots: slot `i` of epoch `e` holds sample
-//! `perm_e(i)`, where `perm_e` is a pseudo-random permutation of the concatenated datasets keyed by
-//! `(seed, epoch)`. Step `s` of an epoch trains the global batch of slots `[s*G, min((s+1)*G, N))`, and
-//! rank `r` of `W` takes the fixed contiguous slice `[floor(r*b/W), floor((r+1)*b/W))` of that batch
+//! An epoch is a seeded, deterministic sequence of slots: slot `i` of epoch `e` holds one sample of one
+//! of the job's datasets. Step `s` of an epoch trains the global batch of slots `[s*G, min((s+1)*G, N))`,
+//! and rank `r` of `W` takes the fixed contiguous slice `[floor(r*b/W), floor((r+1)*b/W))` of that batch
 //! (`b` its size). So the global batch of a step depends only on the seed, never on the world size,
 //! and every slot of an epoch is trained exactly once. The last step of an epoch may be smaller.
 //!
-//! The permutation is a keyed Feistel network with cycle walking: O(1) time and no memory per lookup,
+//! Mixing: an epoch has `N` = total samples slots. Without weights, dataset `d` gets `n_d` slots (every
+//! sample once). With weights, it gets `c_d` = its weighted share of `N` (largest remainder, so the
+//! counts are exact, not just expected); a dataset with more slots than samples repeats its samples as
+//! evenly as possible (each `floor` or `ceil` of `c_d / n_d` times), one with fewer is subsampled without
+//! repeats. Which slot gets which dataset, and which sample, is a keyed permutation per epoch.
+//!
+//! The permutations are keyed Feistel networks with cycle walking: O(1) time and no memory per lookup,
 //! so planning a step costs the same for a thousand samples or a billion.
 
 use std::ops::Range;
@@ -35,20 +40,47 @@ pub struct DataPlan {
     global_batch: u64,
     /// Sample counts of the job's datasets, in job order.
     sizes: Vec<u64>,
+    /// Slots per epoch of each dataset (sum = `total`).
+    counts: Vec<u64>,
     total: u64,
 }
 
 /// Why a plan cannot be made.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlanError {
     #[error("the job's datasets hold no samples")]
     Empty,
     #[error("global batch must be at least 1")]
     ZeroBatch,
+    #[error("dataset {0} has a mixing weight but no samples")]
+    WeightedEmpty(usize),
+    #[error("{weights} weights for {datasets} datasets")]
+    WeightCount { weights: usize, datasets: usize },
+    #[error("dataset {0}: weight must be a positive number")]
+    BadWeight(usize),
+}
+
+/// Splits `total` slots by `weights` exactly (largest remainder; ties to the lower index).
+pub fn weighted_counts(total: u64, weights: &[f64]) -> Vec<u64> {
+    let sum: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| total as f64 * w / sum).collect();
+    let mut counts: Vec<u64> = exact.iter().map(|x| x.floor() as u64).collect();
+    let mut left = total.saturating_sub(counts.iter().sum());
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| (exact[b] - exact[b].floor()).total_cmp(&(exact[a] - exact[a].floor())).then(a.cmp(&b)));
+    for &d in order.iter().cycle().take(weights.len() * 2) {
+        if left == 0 {
+            break;
+        }
+        counts[d] += 1;
+        left -= 1;
+    }
+    counts
 }
 
 impl DataPlan {
-    pub fn new(seed: u64, global_batch: u64, sizes: Vec<u64>) -> Result<DataPlan, PlanError> {
+    /// A plan over datasets of `sizes` samples; `weights` (one per dataset) mix them by share.
+    pub fn new(seed: u64, global_batch: u64, sizes: Vec<u64>, weights: Option<&[f64]>) -> Result<DataPlan, PlanError> {
         let total: u64 = sizes.iter().sum();
         if total == 0 {
             return Err(PlanError::Empty);
@@ -56,7 +88,27 @@ impl DataPlan {
         if global_batch == 0 {
             return Err(PlanError::ZeroBatch);
         }
-        Ok(DataPlan { seed, global_batch, sizes, total })
+        let counts = match weights {
+            None => sizes.clone(),
+            Some(w) => {
+                if w.len() != sizes.len() {
+                    return Err(PlanError::WeightCount { weights: w.len(), datasets: sizes.len() });
+                }
+                if let Some(d) = w.iter().position(|x| !(x.is_finite() && *x > 0.0)) {
+                    return Err(PlanError::BadWeight(d));
+                }
+                if let Some(d) = sizes.iter().position(|&n| n == 0) {
+                    return Err(PlanError::WeightedEmpty(d));
+                }
+                weighted_counts(total, w)
+            }
+        };
+        Ok(DataPlan { seed, global_batch, sizes, counts, total })
+    }
+
+    /// Slots per epoch of each dataset.
+    pub fn counts(&self) -> &[u64] {
+        &self.counts
     }
 
     /// Slots per epoch (every sample once).
@@ -94,14 +146,19 @@ impl DataPlan {
 
     /// The sample in `slot` of `epoch`.
     pub fn sample_at(&self, epoch: u64, slot: u64) -> SampleRef {
-        let mut i = permute(slot, self.total, self.seed, epoch);
-        for (d, &n) in self.sizes.iter().enumerate() {
-            if i < n {
-                return SampleRef { dataset: d as u32, index: i };
-            }
-            i -= n;
+        // Which dataset's j-th slot this is: a permutation of the datasets' slot ranges laid end to end.
+        let mut j = permute(slot, self.total, self.seed, epoch);
+        let mut d = 0;
+        while j >= self.counts[d] {
+            j -= self.counts[d];
+            d += 1;
         }
-        unreachable!("permute returns a value below the total")
+        // The j-th slot of dataset d: pass k = j / n over the dataset, position j % n of that pass's
+        // permutation. Without weights there is one pass.
+        let n = self.sizes[d];
+        let (pass, r) = (j / n, j % n);
+        let key = self.seed ^ mix(0xda7a_5e7 + d as u64);
+        SampleRef { dataset: d as u32, index: permute(r, n, key, mix(epoch) ^ pass) }
     }
 }
 
@@ -159,8 +216,19 @@ mod tests {
     }
 
     #[test]
+    fn a_fifty_fifty_mix_of_unequal_datasets() {
+        // The reference's mix: RGB-D and RGB-only samples in equal expected shares, whatever the sizes.
+        let plan = DataPlan::new(3, 8, vec![100, 300], Some(&[1.0, 1.0])).expect("plan");
+        assert_eq!(plan.counts(), &[200, 200]);
+        let from_small = (0..400).filter(|&s| plan.sample_at(0, s).dataset == 0).count();
+        assert_eq!(from_small, 200);
+        assert_eq!(weighted_counts(10, &[1.0, 1.0, 1.0]), vec![4, 3, 3]);
+        assert!(matches!(DataPlan::new(0, 4, vec![0, 5], Some(&[1.0, 1.0])), Err(PlanError::WeightedEmpty(0))));
+    }
+
+    #[test]
     fn last_step_of_an_epoch_may_be_smaller() {
-        let plan = DataPlan::new(0, 4, vec![10]).expect("plan");
+        let plan = DataPlan::new(0, 4, vec![10], None).expect("plan");
         assert_eq!(plan.steps_per_epoch(), 3);
         assert_eq!(plan.step(2).slots, 8..10);
         assert_eq!(plan.step(3), StepPlan { step: 3, epoch: 1, step_in_epoch: 0, slots: 0..4 });
@@ -179,7 +247,7 @@ mod tests {
             epoch in 0u64..3,
         ) {
             prop_assume!(sizes.iter().sum::<u64>() > 0);
-            let plan = DataPlan::new(seed, batch, sizes.clone()).expect("plan");
+            let plan = DataPlan::new(seed, batch, sizes.clone(), None).expect("plan");
             let spe = plan.steps_per_epoch();
             let mut reference: Option<Vec<Vec<SampleRef>>> = None;
             for world in 1u32..=8 {
@@ -209,6 +277,36 @@ mod tests {
                     None => reference = Some(batches),
                     Some(r) => prop_assert_eq!(r, &batches, "world {} changes the global batches", world),
                 }
+            }
+        }
+
+        /// With weights, every epoch gives each dataset exactly its share of slots (largest remainder),
+        /// and a dataset's samples repeat as evenly as possible (none twice before all were used).
+        #[test]
+        fn weights_hold_exactly_and_repeats_are_even(
+            sizes in prop::collection::vec(1u64..50, 1..4),
+            weights in prop::collection::vec(0.05f64..5.0, 4),
+            seed in any::<u64>(),
+            epoch in 0u64..3,
+        ) {
+            let w = &weights[..sizes.len()];
+            let plan = DataPlan::new(seed, 7, sizes.clone(), Some(w)).expect("plan");
+            let total: u64 = sizes.iter().sum();
+            prop_assert_eq!(plan.counts().iter().sum::<u64>(), total);
+            let wsum: f64 = w.iter().sum();
+            for (d, &c) in plan.counts().iter().enumerate() {
+                let exact = total as f64 * w[d] / wsum;
+                prop_assert!((c as f64 - exact).abs() < 1.0 + 1e-9, "dataset {} gets {} slots, share {}", d, c, exact);
+            }
+            let mut seen: std::collections::BTreeMap<SampleRef, u64> = Default::default();
+            for slot in 0..total {
+                *seen.entry(plan.sample_at(epoch, slot)).or_default() += 1;
+            }
+            for (d, (&n, &c)) in sizes.iter().zip(plan.counts()).enumerate() {
+                let uses: Vec<u64> = (0..n).map(|i| seen.get(&SampleRef { dataset: d as u32, index: i }).copied().unwrap_or(0)).collect();
+                prop_assert_eq!(uses.iter().sum::<u64>(), c);
+                let (lo, hi) = (c / n, c.div_ceil(n));
+                prop_assert!(uses.iter().all(|&u| u == lo || u == hi), "dataset {}: uses {:?}", d, uses);
             }
         }
 

@@ -292,13 +292,29 @@ impl Coordinator {
     /// Registers a job. Reads each dataset's manifest for its sample count (the plan's input).
     pub fn submit(&self, config: JobConfig) -> Result<JobId, CoordError> {
         let mut sizes = Vec::with_capacity(config.data.datasets.len());
+        let mut layout = None;
         for (i, d) in config.data.datasets.iter().enumerate() {
             let manifest = hcmoco_data::Manifest::load(Path::new(&d.manifest)).map_err(|e| {
                 domain::FieldError::new(format!("spec_toml: data.datasets[{i}].manifest"), e.to_string())
             })?;
+            if let Some((first, layout)) = &layout {
+                if *layout != manifest.layout {
+                    return Err(domain::FieldError::new(
+                        format!("spec_toml: data.datasets[{i}].manifest"),
+                        format!(
+                            "keypoint layout {} differs from data.datasets[{first}]'s {layout}: a job trains one layout (convert the dataset)",
+                            manifest.layout
+                        ),
+                    )
+                    .into());
+                }
+            } else {
+                layout = Some((i, manifest.layout));
+            }
             sizes.push(manifest.samples);
         }
-        let plan = DataPlan::new(config.seed, config.global_batch, sizes)
+        let weights: Option<Vec<f64>> = config.data.datasets.iter().map(|d| d.weight).collect();
+        let plan = DataPlan::new(config.seed, config.global_batch, sizes, weights.as_deref())
             .map_err(|e| domain::FieldError::new("spec_toml: data.datasets", e.to_string()))?;
         let mut inner = self.lock();
         inner.next_job += 1;
@@ -519,9 +535,7 @@ impl Coordinator {
         self.with_worker_job(&req.call.worker_id, |job| {
             if job.state.is_terminal() || req.step >= job.config.steps {
                 let message = match job.state {
-                    JobState::Failed | JobState::Cancelled => {
-                        job.ended_because()
-                    }
+                    JobState::Failed | JobState::Cancelled => job.ended_because(),
                     _ => String::new(),
                 };
                 return Ok(pb::FetchWorkResponse { done: true, step: req.step, message, ..Default::default() });
@@ -889,6 +903,25 @@ mod tests {
         assert!(w.done && w.message.contains("user said so"), "{}", w.message);
         assert_eq!(c.cancel(&job, "again").expect("idempotent"), JobState::Cancelled);
         assert!(matches!(c.status(&JobId("job-99".into())), Err(CoordError::NoJob(_))));
+    }
+
+    #[test]
+    fn submit_refuses_datasets_of_different_layouts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, layout) in [("mpii", hcmoco_data::KeypointLayout::Mpii16), ("coco", hcmoco_data::KeypointLayout::Coco13)] {
+            let cfg = hcmoco_data::SynthConfig { samples: 4, image_size: 16, layout, ..Default::default() };
+            hcmoco_data::generate(&cfg, &dir.path().join(name)).expect("synth");
+        }
+        let m = |n: &str| dir.path().join(n).join("manifest.json").display().to_string();
+        let cfg = JobConfig::from_toml(&format!(
+            "[[data.datasets]]\nmanifest = {:?}\n[[data.datasets]]\nmanifest = {:?}\n",
+            m("mpii"),
+            m("coco")
+        ))
+        .expect("cfg");
+        let status: tonic::Status = Coordinator::new().submit(cfg).expect_err("mixed layouts").into();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("data.datasets[1].manifest") && status.message().contains("layout"), "{}", status.message());
     }
 
     #[test]

@@ -104,13 +104,11 @@ pub struct DataConfig {
 pub struct DatasetConfig {
     /// Path of the dataset's `manifest.json`, as seen by the coordinator and every worker.
     pub manifest: String,
-    /// Mixing weight (reserved for heterogeneous mixing; the first cut plans every sample once per epoch).
-    #[serde(default = "one")]
-    pub weight: f64,
-}
-
-fn one() -> f64 {
-    1.0
+    /// Mixing weight: with weights, each epoch gives dataset i the share `weight_i / sum(weights)` of its
+    /// slots (a small dataset repeats, a large one is subsampled). Without weights (on every dataset)
+    /// each epoch trains every sample once. Give every dataset a weight, or none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
 }
 
 /// Normalisation layers of the image encoders.
@@ -206,7 +204,7 @@ impl Default for OptimizerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Directory the checkpoints go to (rank 0 writes). Relative paths are resolved against the
+    /// Directory the checkpoints go to (rank 0 writes). `hcmoco submit` resolves a relative path against the
     /// directory of the job file at submission.
     pub dir: String,
     /// Write a checkpoint every this many steps (0: only at the end). The last step always writes one.
@@ -321,8 +319,20 @@ impl JobConfig {
             if d.manifest.trim().is_empty() {
                 return Err(ConfigError::invalid(format!("data.datasets[{i}].manifest"), "must not be empty"));
             }
-            if !(d.weight.is_finite() && d.weight > 0.0) {
-                return Err(ConfigError::invalid(format!("data.datasets[{i}].weight"), "must be a positive number"));
+            match d.weight {
+                Some(w) if !(w.is_finite() && w > 0.0) => {
+                    return Err(ConfigError::invalid(
+                        format!("data.datasets[{i}].weight"),
+                        "must be a positive number",
+                    ));
+                }
+                None if self.data.datasets.iter().any(|o| o.weight.is_some()) => {
+                    return Err(ConfigError::invalid(
+                        format!("data.datasets[{i}].weight"),
+                        "missing: give every dataset a weight, or none",
+                    ));
+                }
+                _ => {}
             }
         }
         let m = &self.model;
@@ -429,7 +439,7 @@ mod tests {
         let cfg = JobConfig::from_toml(MINIMAL).expect("minimal job file");
         assert_eq!(cfg.steps, 50);
         assert_eq!(cfg.model.norm, Norm::Batch);
-        assert_eq!(cfg.data.datasets[0].weight, 1.0);
+        assert_eq!(cfg.data.datasets[0].weight, None);
         let again = JobConfig::from_toml(&cfg.to_toml()).expect("resolved file parses");
         assert_eq!(again, cfg);
     }
@@ -462,6 +472,11 @@ mod tests {
             let err = JobConfig::from_toml(&format!("{extra}{MINIMAL}")).expect_err(extra);
             assert_eq!(err.key(), Some(key), "{err}");
         }
+        let two = "[[data.datasets]]\nmanifest = \"a\"\nweight = 1.0\n[[data.datasets]]\nmanifest = \"b\"\n";
+        let err = JobConfig::from_toml(two).expect_err("one weight missing");
+        assert_eq!(err.key(), Some("data.datasets[1].weight"), "{err}");
+        let err = JobConfig::from_toml(&two.replace("weight = 1.0", "weight = 0.0")).expect_err("zero weight");
+        assert_eq!(err.key(), Some("data.datasets[0].weight"), "{err}");
         let err = JobConfig::from_toml("steps = 3\n").expect_err("no dataset");
         assert_eq!(err.key(), Some("data.datasets"));
     }
