@@ -908,7 +908,9 @@ mod tests {
     #[test]
     fn submit_refuses_datasets_of_different_layouts() {
         let dir = tempfile::tempdir().expect("tempdir");
-        for (name, layout) in [("mpii", hcmoco_data::KeypointLayout::Mpii16), ("coco", hcmoco_data::KeypointLayout::Coco13)] {
+        for (name, layout) in
+            [("mpii", hcmoco_data::KeypointLayout::Mpii16), ("coco", hcmoco_data::KeypointLayout::Coco13)]
+        {
             let cfg = hcmoco_data::SynthConfig { samples: 4, image_size: 16, layout, ..Default::default() };
             hcmoco_data::generate(&cfg, &dir.path().join(name)).expect("synth");
         }
@@ -921,7 +923,11 @@ mod tests {
         .expect("cfg");
         let status: tonic::Status = Coordinator::new().submit(cfg).expect_err("mixed layouts").into();
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
-        assert!(status.message().contains("data.datasets[1].manifest") && status.message().contains("layout"), "{}", status.message());
+        assert!(
+            status.message().contains("data.datasets[1].manifest") && status.message().contains("layout"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]

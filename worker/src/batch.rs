@@ -35,6 +35,19 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.has_depth.is_empty()
     }
+
+    /// The same batch with its tensors on `device`.
+    pub fn to_device(self, device: tch::Device) -> Batch {
+        if device == tch::Device::Cpu {
+            return self;
+        }
+        Batch {
+            rgb: self.rgb.to_device(device),
+            depth: self.depth.to_device(device),
+            keypoints: self.keypoints.to_device(device),
+            ..self
+        }
+    }
 }
 
 /// Why samples cannot form a batch.

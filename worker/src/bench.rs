@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tch::{Device, Kind, Tensor};
 
-use crate::comm::{Communicator, connect_cpu};
+use crate::comm::{Communicator, CpuOptions, PeerInfo, connect_cpu_with};
 
 /// What one benchmark run measures.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct BenchSpec {
     pub timeout: Duration,
     /// For `grads`: bucket size in MiB (0 = one all-reduce per tensor).
     pub bucket_mb: f64,
+    /// `auto`, `tcp` or `shm` (all ranks of a benchmark share this host).
+    pub transport: String,
 }
 
 impl BenchSpec {
@@ -57,6 +59,8 @@ impl BenchSpec {
             self.timeout.as_millis().to_string(),
             "--bucket-mb".into(),
             self.bucket_mb.to_string(),
+            "--transport".into(),
+            self.transport.clone(),
         ]
     }
 }
@@ -155,10 +159,20 @@ pub fn run_rank(spec: &BenchSpec, rank: usize) -> anyhow::Result<()> {
         bail!("rank {rank}: got {} peers for world {}", peers.len(), spec.world);
     }
     let mut comm: Box<dyn Communicator> = match spec.backend.as_str() {
-        "cpu" => Box::new(connect_cpu(listener, rank, &peers, 1, spec.timeout)?),
+        "cpu" => {
+            let peers: Vec<PeerInfo> =
+                peers.iter().map(|a| PeerInfo { addr: a.clone(), host_id: "localhost".into() }).collect();
+            let opts = CpuOptions {
+                transport: crate::run::parse_transport(&spec.transport)?,
+                timeout: spec.timeout,
+                ..CpuOptions::default()
+            };
+            Box::new(connect_cpu_with(listener, rank, &peers, 1, &opts)?)
+        }
         other => bail!("--backend {other:?}: this build benchmarks \"cpu\" (nccl: see hcmoco-worker nccl-check)"),
     };
-    eprintln!("rank {rank}: ring formed");
+    // One write per line: the ranks share the parent's stderr.
+    std::io::stderr().write_all(format!("rank {rank}: ring formed\n").as_bytes())?;
     let (kind, elem) = kind_of(&spec.dtype)?;
     match spec.op.as_str() {
         "allreduce" => bench_allreduce(comm.as_mut(), spec, kind, elem),

@@ -38,6 +38,14 @@ enum Cmd {
         /// Write this rank's final parameters and buffers to DIR/rank-R.safetensors.
         #[arg(long)]
         dump_state: Option<PathBuf>,
+        /// cpu or cuda:N (default: cpu; with the nccl backend, the GPU of this worker's local rank).
+        #[arg(long, env = "HCMOCO_DEVICE")]
+        device: Option<String>,
+    },
+    /// Check the NCCL backend on one GPU (world size 1): every collective against expected values.
+    NcclCheck {
+        #[arg(long, default_value_t = 0)]
+        device: usize,
     },
     /// Collective benchmarks (one process per rank).
     Bench {
@@ -74,6 +82,9 @@ struct BenchArgs {
     /// For `grads`: bucket size in MiB (0: one all-reduce per tensor).
     #[arg(long, default_value_t = 25.0)]
     bucket_mb: f64,
+    /// auto (shared memory between these same-host ranks), tcp or shm.
+    #[arg(long, default_value = "auto")]
+    transport: String,
 }
 
 impl BenchArgs {
@@ -88,6 +99,7 @@ impl BenchArgs {
             dtype: self.dtype.clone(),
             timeout: Duration::from_millis(self.timeout_ms),
             bucket_mb: self.bucket_mb,
+            transport: self.transport.clone(),
         })
     }
 }
@@ -112,6 +124,10 @@ enum BenchCmd {
 
 #[derive(Subcommand)]
 enum DataCmd {
+    /// Print a dataset's counts, modalities, layout and shards.
+    Inspect { manifest: PathBuf },
+    /// Check every shard's checksum and that every sample decodes.
+    Verify { manifest: PathBuf },
     /// Generate synthetic multi-modal humans (RGB, depth for a share of them, 2D keypoints).
     Synth {
         #[arg(long)]
@@ -142,7 +158,7 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match Cli::parse().command {
-        Cmd::Run { coordinator, job, host_id, bind, advertise_addr, connect_timeout_secs, dump_state } => {
+        Cmd::Run { coordinator, job, host_id, bind, advertise_addr, connect_timeout_secs, dump_state, device } => {
             run(RunOptions {
                 coordinator,
                 job,
@@ -157,6 +173,7 @@ fn main() {
                     }
                 },
                 dump_state,
+                device,
             })
             .map(|s| {
                 eprintln!(
@@ -165,11 +182,14 @@ fn main() {
                 )
             })
         }
+        Cmd::NcclCheck { device } => hcmoco_worker::comm::nccl::self_check(device).map(|report| println!("{report}")),
         Cmd::Bench { command } => match command {
             BenchCmd::Allreduce(a) => a.spec("allreduce").and_then(|s| hcmoco_worker::bench::run_parent(&s)),
             BenchCmd::Grads(a) => a.spec("grads").and_then(|s| hcmoco_worker::bench::run_parent(&s)),
             BenchCmd::Rank { rank, op, args } => args.spec(&op).and_then(|s| hcmoco_worker::bench::run_rank(&s, rank)),
         },
+        Cmd::Data { command: DataCmd::Inspect { manifest } } => inspect(&manifest),
+        Cmd::Data { command: DataCmd::Verify { manifest } } => verify(&manifest),
         Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction } } => {
             let cfg =
                 hcmoco_data::SynthConfig { samples, image_size: size, seed, depth_fraction, ..Default::default() };
@@ -179,7 +199,44 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // One write: benchmark ranks share a stderr, and their lines must not interleave.
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(format!("error: {e:#}\n").as_bytes());
         std::process::exit(1);
     }
+}
+
+fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
+    let d = hcmoco_data::Dataset::open(path)?;
+    let m = d.manifest();
+    println!("dataset {} ({})", m.name, path.display());
+    println!("  samples {}  with depth {}  without depth {}", m.samples, m.with_depth(), m.samples - m.with_depth());
+    println!("  modalities {}", m.modalities.join(", "));
+    println!("  keypoint layout {} ({} joints)", m.layout, m.layout.num_joints());
+    println!("  images {}x{}", m.image_width, m.image_height);
+    println!("  shards {}", m.shards.len());
+    for s in &m.shards {
+        println!(
+            "    {}  {} samples, {} with depth, sha256 {}",
+            s.path,
+            s.samples,
+            s.with_depth,
+            &s.sha256[..12.min(s.sha256.len())]
+        );
+    }
+    Ok(())
+}
+
+fn verify(path: &std::path::Path) -> anyhow::Result<()> {
+    let d = hcmoco_data::Dataset::open(path)?;
+    d.verify()?;
+    let n = d.len();
+    for i in 0..n {
+        d.get(i)?;
+        if (i + 1) % 1000 == 0 {
+            eprintln!("  {} of {n} samples decoded", i + 1);
+        }
+    }
+    println!("ok: {} shards match their checksums, {n} samples decode", d.manifest().shards.len());
+    Ok(())
 }

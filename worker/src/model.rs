@@ -154,6 +154,11 @@ impl Model {
         v
     }
 
+    /// Every variable, copied to the CPU (for files).
+    pub fn state_on_cpu(&self) -> Vec<(String, Tensor)> {
+        self.state().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect()
+    }
+
     /// Every variable (parameters and buffers) in name order.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();

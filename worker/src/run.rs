@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::batch;
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::comm::{AbortHandle, Communicator, connect_cpu};
+use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, Transport, connect_cpu_with};
 use crate::model::Model;
 use crate::train::{Trainer, term_names};
 
@@ -41,6 +41,29 @@ pub struct RunOptions {
     pub connect_timeout: Duration,
     /// Write this rank's final parameters and buffers to `DIR/rank-R.safetensors` (replica checks).
     pub dump_state: Option<PathBuf>,
+    /// `cpu` or `cuda:N`; default: `cpu` for the cpu backend, `cuda:<local rank>` for nccl.
+    pub device: Option<String>,
+}
+
+/// Parses `collective.transport`.
+pub fn parse_transport(text: &str) -> anyhow::Result<Transport> {
+    Ok(match text {
+        "auto" => Transport::Auto,
+        "tcp" => Transport::Tcp,
+        "shm" => Transport::Shm,
+        other => bail!("transport {other:?}: expected auto, tcp or shm"),
+    })
+}
+
+/// Parses `cpu` / `cuda:N`.
+pub fn parse_device(text: &str) -> anyhow::Result<Device> {
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        _ => match text.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Device::Cuda(n)),
+            _ => bail!("device {text:?}: expected \"cpu\" or \"cuda:N\""),
+        },
+    }
 }
 
 /// What a finished worker reports.
@@ -223,6 +246,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         stop.clone(),
     );
 
+    // The collective bootstrap this worker offers; the coordinator hands rank 0's to every member.
+    let offer = match config.collective.backend.as_str() {
+        "nccl" => crate::comm::nccl::nccl_unique_id().context("collective.backend = \"nccl\"")?,
+        _ => Vec::new(),
+    };
     // Rendezvous: long polls until this worker's generation is sealed.
     let assignment = rt.block_on(async {
         let mut c = client.clone();
@@ -234,7 +262,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
                 .rendezvous(pb::RendezvousRequest {
                     worker_id: joined.worker_id.clone(),
                     generation: 0,
-                    collective_bootstrap: Vec::new(),
+                    collective_bootstrap: offer.clone(),
                 })
                 .await
                 .map_err(|s| anyhow::anyhow!("rendezvous failed: {}", s.message()))?
@@ -259,6 +287,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         assignment,
         stop,
         dump_state: opts.dump_state.clone(),
+        device: opts.device.clone(),
     };
     // Tensor work on its own OS thread, never on the runtime's workers.
     let trainer = std::thread::Builder::new().name("hcmoco-train".into()).spawn(move || train_loop(ctx, listener))?;
@@ -304,6 +333,7 @@ struct TrainContext {
     assignment: pb::RendezvousResponse,
     stop: StopFlag,
     dump_state: Option<PathBuf>,
+    device: Option<String>,
 }
 
 impl TrainContext {
@@ -359,17 +389,52 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     }
 
     let epoch_len: u64 = datasets.iter().map(Dataset::len).sum();
-    let peers: Vec<String> = a.peers.iter().map(|p| p.collective_addr.clone()).collect();
     let timeout = Duration::from_millis(cfg.collective.timeout_ms);
-    let comm =
-        connect_cpu(listener, rank as usize, &peers, generation, timeout).context("cannot form the collective ring")?;
+    // Device: --device, else the local rank's GPU for NCCL (ranks sharing a host), else the CPU.
+    let local_rank = a.peers.iter().take(rank as usize).filter(|p| p.host_id == a.peers[rank as usize].host_id).count();
+    let device = match (&ctx.device, cfg.collective.backend.as_str()) {
+        (Some(d), _) => parse_device(d)?,
+        (None, "nccl") => Device::Cuda(local_rank),
+        (None, _) => Device::Cpu,
+    };
+    let comm: Box<dyn Communicator> = match (cfg.collective.backend.as_str(), device) {
+        ("nccl", Device::Cuda(index)) => {
+            drop(listener);
+            Box::new(
+                crate::comm::nccl::connect_nccl(
+                    rank as usize,
+                    world as usize,
+                    generation,
+                    &a.collective_bootstrap,
+                    index,
+                    timeout,
+                )
+                .context("cannot form the NCCL communicator")?,
+            )
+        }
+        ("nccl", d) => bail!("collective.backend = \"nccl\" needs a CUDA device, not {d:?}"),
+        (_, Device::Cpu) => {
+            let peers: Vec<PeerInfo> = a
+                .peers
+                .iter()
+                .map(|p| PeerInfo { addr: p.collective_addr.clone(), host_id: p.host_id.clone() })
+                .collect();
+            let opts =
+                CpuOptions { transport: parse_transport(&cfg.collective.transport)?, timeout, ..CpuOptions::default() };
+            Box::new(
+                connect_cpu_with(listener, rank as usize, &peers, generation, &opts)
+                    .context("cannot form the collective ring")?,
+            )
+        }
+        (backend, d) => bail!("collective.backend = {backend:?} works on CPU tensors; device {d:?} needs \"nccl\""),
+    };
     // A stop from the coordinator (job failed or cancelled) aborts a collective this rank is blocked in.
     ctx.stop.set_abort(comm.abort_handle());
-    let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, Device::Cpu);
+    let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, device);
     let bucket_bytes = (cfg.collective.bucket_mb * 1048576.0) as usize;
     let mut trainer = Trainer::new(
         model,
-        Box::new(comm),
+        comm,
         cfg.optimizer.momentum,
         cfg.optimizer.weight_decay,
         cfg.loss.temperature,
@@ -404,7 +469,8 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             samples.push(d.get(s.index).with_context(|| format!("step {step}: slot {}", s.slot))?);
         }
         let batch = batch::build(&samples, first.layout, (first.image_width, first.image_height), trainer.model.kind)
-            .with_context(|| format!("step {step}: cannot build the batch"))?;
+            .with_context(|| format!("step {step}: cannot build the batch"))?
+            .to_device(device);
         let data_time = t0.elapsed();
         let slots_ok = work.global_slot_begin <= work.local_slot_begin
             && work.local_slot_begin <= work.local_slot_end
@@ -457,7 +523,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             let path = checkpoint::write(
                 std::path::Path::new(&cfg.checkpoint.dir),
                 &meta,
-                &trainer.model.state(),
+                &trainer.model.state_on_cpu(),
                 &trainer.opt.state(),
                 &ctx.job_toml,
             )
@@ -492,7 +558,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     if let Some(dir) = &ctx.dump_state {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("rank-{rank}.safetensors"));
-        let state: Vec<(String, Tensor)> = trainer.model.state();
+        let state: Vec<(String, Tensor)> = trainer.model.state_on_cpu();
         Tensor::write_safetensors(&state, &path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprintln!("rank {rank}: finished at step {step}");

@@ -1,26 +1,30 @@
-//! `CpuCommunicator`: the `Communicator` over a `TcpRing`, for CPU tensors. Data is copied out of the
-//! tensor into a host buffer, the ring collective runs, and the result is copied back under
-//! `no_grad`.
+//! `CpuCommunicator`: the `Communicator` for CPU tensors over a `TcpRing` (tcp between hosts, shared
+//! memory between ranks on one host). Reductions run straight on the tensor's memory when it is
+//! dense and contiguous (otherwise on a contiguous copy that is written back under `no_grad`); gathers
+//! and broadcasts travel with a kind-and-shape header (`meta`).
 
 use std::net::TcpListener;
 use std::time::Duration;
 
+use half::bf16;
 use tch::{Device, Kind, Tensor};
 
+use super::element::Element;
 use super::error::CommError;
 use super::meta::{TensorMeta, is_transferable};
-use super::tcp::{Element, TcpRing};
+use super::options::{CpuOptions, PeerInfo, Transport};
+use super::tcp::TcpRing;
+use super::tensor_mem::{is_viewable, with_elems, with_elems_mut};
 use super::{AbortHandle, Communicator, ReduceOp};
 
-/// Collectives on CPU tensors over a ring of TCP connections.
+/// Collectives on CPU tensors over a ring of tcp and shared-memory links.
 #[derive(Debug)]
 pub struct CpuCommunicator {
     ring: TcpRing,
-    /// Set by an `AbortHandle`; checked before every collective.
-    aborted: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
-/// Forms the ring (`TcpRing::connect`) and wraps it.
+/// Forms the ring with tcp for all data (`TcpRing::connect`) and wraps it. Prefer `connect_cpu_with`,
+/// which uses shared memory between ranks on the same host.
 pub fn connect_cpu(
     listener: TcpListener,
     rank: usize,
@@ -31,16 +35,21 @@ pub fn connect_cpu(
     TcpRing::connect(listener, rank, peers, generation, timeout).map(CpuCommunicator::new)
 }
 
+/// Forms the ring (`TcpRing::connect_with`): `peers[i]` is rank i's collective address and host, as
+/// the rendezvous hands them out; `opts.transport` picks the data transport of each link.
+pub fn connect_cpu_with(
+    listener: TcpListener,
+    rank: usize,
+    peers: &[PeerInfo],
+    generation: u64,
+    opts: &CpuOptions,
+) -> Result<CpuCommunicator, CommError> {
+    TcpRing::connect_with(listener, rank, peers, generation, opts).map(CpuCommunicator::new)
+}
+
 impl CpuCommunicator {
     pub fn new(ring: TcpRing) -> Self {
-        CpuCommunicator { ring, aborted: Default::default() }
-    }
-
-    fn check_aborted(&self, op: &'static str) -> Result<(), CommError> {
-        match self.aborted.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-            Some(reason) => Err(CommError::Aborted { op, reason: reason.clone() }),
-            None => Ok(()),
-        }
+        CpuCommunicator { ring }
     }
 
     /// The ring, for byte-level collectives (e.g. gathering serialized metadata).
@@ -52,20 +61,71 @@ impl CpuCommunicator {
         self.ring
     }
 
-    fn all_reduce_typed<T: Element + tch::kind::Element>(
+    /// How data flows (to the left neighbour, to the right one); `None` for a world of one.
+    pub fn transports(&self) -> Option<(Transport, Transport)> {
+        self.ring.transports()
+    }
+
+    fn all_reduce_typed<T: Element>(
         &mut self,
         op: &'static str,
         t: &mut Tensor,
+        kind: Kind,
+        reduce: ReduceOp,
     ) -> Result<(), CommError> {
-        let tensor_error = |source| CommError::Tensor { op, source };
-        let numel = t.numel();
-        let mut values = vec![T::zeroed(); numel];
-        t.f_copy_data(&mut values, numel).map_err(tensor_error)?;
-        self.ring.all_reduce_sum_as(op, &mut values)?;
-        let summed =
-            Tensor::f_from_slice(&values).and_then(|flat| flat.f_view(t.size().as_slice())).map_err(tensor_error)?;
-        tch::no_grad(|| t.f_copy_(&summed)).map_err(tensor_error)
+        let ring = &mut self.ring;
+        if let Some(result) = with_elems_mut::<T, _>(t, kind, |buf| ring.all_reduce_as(op, buf, reduce)) {
+            return result;
+        }
+        // Not viewable in place (e.g. transposed): reduce a dense copy and write it back.
+        let mut dense = dense_copy(op, t)?;
+        with_elems_mut::<T, _>(&mut dense, kind, |buf| ring.all_reduce_as(op, buf, reduce))
+            .ok_or_else(|| not_viewable(op))??;
+        tch::no_grad(|| t.f_copy_(&dense)).map_err(|source| CommError::Tensor { op, source })
     }
+
+    fn reduce_scatter_typed<T: Element>(
+        &mut self,
+        op: &'static str,
+        t: &Tensor,
+        kind: Kind,
+        reduce: ReduceOp,
+    ) -> Result<Tensor, CommError> {
+        let dense;
+        let input = if is_viewable::<T>(t, kind) {
+            t
+        } else {
+            dense = dense_copy(op, t)?;
+            &dense
+        };
+        let range = super::ring::chunk_range(input.numel(), self.ring.world_size(), self.ring.rank());
+        let mut out = Tensor::f_empty([range.len() as i64], (kind, Device::Cpu))
+            .map_err(|source| CommError::Tensor { op, source })?;
+        let ring = &mut self.ring;
+        with_elems::<T, _>(input, kind, |src| {
+            with_elems_mut::<T, _>(&mut out, kind, |dst| ring.reduce_scatter_as(op, src, dst, reduce))
+        })
+        .flatten()
+        .ok_or_else(|| not_viewable(op))??;
+        Ok(out)
+    }
+}
+
+/// A dense contiguous CPU copy of `t` (fresh memory, so always viewable).
+fn dense_copy(op: &'static str, t: &Tensor) -> Result<Tensor, CommError> {
+    let tensor_error = |source| CommError::Tensor { op, source };
+    let mut dense = Tensor::f_empty(t.size(), (t.kind(), Device::Cpu)).map_err(tensor_error)?;
+    tch::no_grad(|| dense.f_copy_(t)).map_err(tensor_error)?;
+    Ok(dense)
+}
+
+fn not_viewable(op: &'static str) -> CommError {
+    CommError::Unsupported { op, detail: "tensor memory cannot be accessed as dense elements".to_owned() }
+}
+
+/// Kinds the reductions handle.
+fn reduce_kind_error(op: &'static str, kind: Kind) -> CommError {
+    CommError::Unsupported { op, detail: format!("tensor kind {kind:?} (Float, Double and BFloat16 are reduced)") }
 }
 
 fn check_cpu(op: &'static str, t: &Tensor) -> Result<(), CommError> {
@@ -105,48 +165,33 @@ impl Communicator for CpuCommunicator {
     }
 
     fn abort_handle(&self) -> AbortHandle {
-        let aborted = self.aborted.clone();
-        AbortHandle::new(move |reason| {
-            aborted.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.to_string());
-        })
+        self.ring.abort_handle()
     }
 
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
         const OP: &str = "all_reduce";
-        self.check_aborted(OP)?;
         check_cpu(OP, t)?;
         match t.kind() {
-            Kind::Float => self.all_reduce_typed::<f32>(OP, t)?,
-            Kind::Double => self.all_reduce_typed::<f64>(OP, t)?,
-            kind => {
-                return Err(CommError::Unsupported {
-                    op: OP,
-                    detail: format!("tensor kind {kind:?} (Float and Double are summed)"),
-                });
-            }
+            Kind::Float => self.all_reduce_typed::<f32>(OP, t, Kind::Float, op),
+            Kind::Double => self.all_reduce_typed::<f64>(OP, t, Kind::Double, op),
+            Kind::BFloat16 => self.all_reduce_typed::<bf16>(OP, t, Kind::BFloat16, op),
+            kind => Err(reduce_kind_error(OP, kind)),
         }
-        if op == ReduceOp::Average {
-            let w = self.world_size() as f64;
-            let _ = tch::no_grad(|| t.f_div_scalar_(w)).map_err(|source| CommError::Tensor { op: OP, source })?;
-        }
-        Ok(())
     }
 
     fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor, CommError> {
         const OP: &str = "reduce_scatter";
-        let mut flat = t
-            .f_contiguous()
-            .and_then(|c| c.f_reshape([-1]))
-            .map_err(|source| CommError::Tensor { op: OP, source })?
-            .copy();
-        self.all_reduce(&mut flat, op)?;
-        let r = super::ring::chunk_range(flat.numel(), self.world_size(), self.rank());
-        Ok(flat.narrow(0, r.start as i64, (r.end - r.start) as i64))
+        check_cpu(OP, t)?;
+        match t.kind() {
+            Kind::Float => self.reduce_scatter_typed::<f32>(OP, t, Kind::Float, op),
+            Kind::Double => self.reduce_scatter_typed::<f64>(OP, t, Kind::Double, op),
+            Kind::BFloat16 => self.reduce_scatter_typed::<bf16>(OP, t, Kind::BFloat16, op),
+            kind => Err(reduce_kind_error(OP, kind)),
+        }
     }
 
     fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor, CommError> {
         const OP: &str = "all_gather_cat";
-        self.check_aborted(OP)?;
         check_transferable(OP, t)?;
         if t.dim() == 0 {
             return Err(CommError::InvalidArgument {
@@ -201,7 +246,6 @@ impl Communicator for CpuCommunicator {
 
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
         const OP: &str = "broadcast";
-        self.check_aborted(OP)?;
         check_transferable(OP, t)?;
         let rank = self.ring.rank();
         let mut bytes = if rank == root {
@@ -228,7 +272,6 @@ impl Communicator for CpuCommunicator {
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
-        self.check_aborted("barrier")?;
         self.ring.barrier()
     }
 }

@@ -150,8 +150,9 @@ mod tests {
             .chain([0.0, -0.0, 1.0 + f32::EPSILON, f32::MAX, f32::MIN_POSITIVE, 3.0e38, f32::INFINITY])
             .collect();
         let torch = tch::Tensor::from_slice(&values).to_kind(tch::Kind::BFloat16);
+        // (tch maps `half::bf16` to Kind::Half, so the bits are read as bytes.)
         let mut expected = vec![bf16::ZERO; values.len()];
-        torch.copy_data(&mut expected, values.len());
+        torch.copy_data_u8(bytemuck::cast_slice_mut(&mut expected), values.len());
         for (x, e) in values.iter().zip(&expected) {
             assert_eq!(round_bf16(*x).to_bits(), e.to_bits(), "{x:e}");
         }
@@ -170,6 +171,9 @@ mod tests {
         assert_eq!(dst, [2.0, 3.0]);
         let mut dst = a;
         bf16::reduce_in_place(&mut dst, &b, Some(3));
-        assert_eq!(dst.map(|x| x.to_bits()), [round_bf16(1.001_953_1 / 3.0).to_bits(), round_bf16(257.0 / 3.0).to_bits()]);
+        assert_eq!(
+            dst.map(|x| x.to_bits()),
+            [round_bf16(1.001_953_1 / 3.0).to_bits(), round_bf16(257.0 / 3.0).to_bits()]
+        );
     }
 }

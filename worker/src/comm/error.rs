@@ -4,13 +4,14 @@ use std::io;
 
 /// Why a collective (or the ring set-up) failed.
 ///
-/// After any error that happened while talking to peers (`Peer`, `Protocol`, `Handshake`) the ring is
-/// unusable: its sockets are shut down and later calls return `Poisoned`. The caller's way out is a new
-/// rendezvous generation. `Mismatch`, `Unsupported` and `InvalidArgument` are detected before or after
-/// the exchange and leave the ring usable.
+/// After any error that happened while talking to peers (`Peer`, `Protocol`, `Reported`, `Aborted`,
+/// `Local`) the ring is unusable: its connections are shut down and later calls return `Poisoned`. The
+/// caller's way out is a new rendezvous generation. `Mismatch`, `Unsupported` and `InvalidArgument` are
+/// detected before or after the exchange and leave the ring usable.
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
-    /// Socket failure with a neighbour: timeout (no progress within the ring's timeout), reset, closed.
+    /// Failure of a neighbour: timeout (no progress within the ring's timeout), connection reset or
+    /// closed, its process gone.
     #[error("{op}: peer rank {peer_rank} ({peer_addr}): {}", describe_io(.source))]
     Peer { op: &'static str, peer_rank: usize, peer_addr: String, source: io::Error },
     /// A neighbour sent something other than what this rank expected (collectives called in a different
@@ -43,6 +44,10 @@ pub enum CommError {
     /// libtorch refused a tensor operation while copying data in or out.
     #[error("{op}: tensor operation failed")]
     Tensor { op: &'static str, source: tch::TchError },
+    /// Another rank failed and told the ring (an abort notice, passed on from rank to rank): `reporter`
+    /// is the rank that failed first, `failed_rank` the rank it suspects (none when it was aborted).
+    #[error("{op}: rank {reporter} reported: {reason}")]
+    Reported { op: &'static str, reporter: usize, failed_rank: Option<usize>, reason: String },
     /// The communicator was aborted through its `AbortHandle` (e.g. the coordinator opened a new
     /// generation or failed the job).
     #[error("{op}: aborted: {reason}")]
@@ -53,15 +58,27 @@ pub enum CommError {
 }
 
 impl CommError {
-    /// The neighbour on whose connection the failure was observed (`Peer`, `Protocol`, `Handshake`).
-    /// The first rank to fail closes its sockets, so after a cascade this can be a rank that itself
-    /// failed because of another; the neighbours of a dead rank name it. `Mismatch` names a rank whose
-    /// tensor differs, which is a caller bug rather than a failed peer: it is not reported here.
+    /// The rank suspected to have failed: the neighbour on whose connection the failure was observed
+    /// (`Peer`, `Protocol`, `Handshake`), or for `Reported` the rank the reporter suspects (the
+    /// reporter itself when it failed on its own). A rank that fails tells the others before closing
+    /// its connections, so they name the original suspect; where the notice could not be sent (a
+    /// half-written record) a neighbour may name the rank that closed on it instead. `Mismatch` names
+    /// a rank whose tensor differs, which is a caller bug rather than a failed peer: it is not reported
+    /// here, nor is an abort.
     pub fn peer_rank(&self) -> Option<usize> {
         match self {
             CommError::Peer { peer_rank, .. }
             | CommError::Protocol { peer_rank, .. }
             | CommError::Handshake { peer_rank, .. } => Some(*peer_rank),
+            CommError::Reported { failed_rank, .. } => *failed_rank,
+            _ => None,
+        }
+    }
+
+    /// The rank that reported the failure, for an error passed on from another rank.
+    pub fn reporter(&self) -> Option<usize> {
+        match self {
+            CommError::Reported { reporter, .. } => Some(*reporter),
             _ => None,
         }
     }

@@ -2,41 +2,57 @@
 //!
 //! # Layout
 //! - `Communicator` (this file): the tensor-level interface the training loop uses (all-reduce,
-//!   all-gather-cat, broadcast, barrier). Implementations own their transport and tear it down on drop.
-//! - `cpu`: `CpuCommunicator`, the `Communicator` for CPU tensors over a `TcpRing`; `connect_cpu`.
-//! - `tcp`: `TcpRing`, one rank's ring of TCP connections (set-up and handshake, timeouts, poisoning
-//!   after a failure) and its collectives over host buffers; `Element`, the summable element types.
-//! - `ring`: the ring algorithms (reduce-scatter + all-gather, variable all-gather, broadcast).
-//! - `link`: framed, timed i/o with one neighbour.
-//! - `frame`: wire formats of the ring (handshake and frame header).
+//!   reduce-scatter, all-gather-cat, broadcast, barrier), `ReduceOp`, `AbortHandle`. Implementations
+//!   own their transport and tear it down on drop.
+//! - `cpu`: `CpuCommunicator`, the `Communicator` for CPU tensors over a `TcpRing`; `connect_cpu`,
+//!   `connect_cpu_with`.
+//! - `options`: `PeerInfo` (address and host of a rank), `Transport`, `CpuOptions`.
+//! - `tcp`: `TcpRing`, one rank's ring (set-up and handshake, link transport negotiation, poisoning and
+//!   failure notices) and its collectives over host buffers.
+//! - `engine`: the progress engine that runs a collective's messages over both links on one thread,
+//!   pipelined segment by segment, and waits (spin, then poll) with timeouts, liveness and abort checks.
+//! - `ring`: the ring algorithms as plans for the engine (reduce-scatter + all-gather, reduce-scatter,
+//!   variable all-gather, broadcast).
+//! - `link`: a rank's two neighbours: tcp and shared-memory data paths, record reader, abort state,
+//!   neighbour liveness.
+//! - `shm`: the shared-memory ring of segments between two ranks on one host (the only `unsafe` besides
+//!   `tensor_mem`).
+//! - `tensor_mem`: element views of a dense CPU tensor's memory, so reductions need no copies.
+//! - `element`: `Element` (f32, f64, bf16) and the reduction kernels; where rounding happens.
+//! - `frame`: wire formats (handshake, link offer, record header, abort notice).
 //! - `meta`: the kind-and-shape header that travels with tensor data.
-//! - `error`: `CommError`, which names the operation and the peer of every failure.
-//!
-//! Seams for later: a shared-memory transport for ranks on one host, pipelined (chunked) ring steps,
-//! an NCCL `Communicator` for CUDA tensors, and an abort path that wakes a blocked collective when the
-//! coordinator declares the generation dead all fit behind `Communicator` without changing callers.
+//! - `error`: `CommError`, which names the operation and the peer (or reporting rank) of every failure.
+//! - `nccl`: the NCCL `Communicator` for CUDA tensors.
 //!
 //! Contract for all collectives: every rank calls them in the same order with matching arguments, from
 //! one thread (the training thread; the calls block). A peer that makes no progress for the ring's
-//! timeout turns into an error naming it; after such an error the communicator is unusable and the
-//! caller re-joins a new generation.
+//! timeout turns into an error naming it; the rank that fails first tells the others, which fail at
+//! once naming it; after such an error the communicator is unusable and the caller re-joins a new
+//! generation.
 
 mod cpu;
+mod element;
+mod engine;
 mod error;
 mod frame;
 mod link;
 mod meta;
 pub mod nccl;
+mod options;
 mod ring;
+mod shm;
 mod tcp;
+mod tensor_mem;
 
 #[cfg(test)]
 mod testing;
 
-pub use cpu::{CpuCommunicator, connect_cpu};
+pub use cpu::{CpuCommunicator, connect_cpu, connect_cpu_with};
+pub use element::Element;
 pub use error::CommError;
+pub use options::{CpuOptions, DEFAULT_SEGMENT_BYTES, PeerInfo, Transport, UnknownTransport};
 pub use ring::chunk_range;
-pub use tcp::{Element, TcpRing};
+pub use tcp::TcpRing;
 
 /// How `all_reduce` and `reduce_scatter` combine the ranks' values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

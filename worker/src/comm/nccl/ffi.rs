@@ -45,7 +45,8 @@ type AllReduceFn = unsafe extern "C" fn(
     ncclComm_t,
     StreamT,
 ) -> NcclResult;
-type AllGatherFn = unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, StreamT) -> NcclResult;
+type AllGatherFn =
+    unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, ncclComm_t, StreamT) -> NcclResult;
 type BroadcastFn =
     unsafe extern "C" fn(*const c_void, *mut c_void, usize, ncclDataType_t, c_int, ncclComm_t, StreamT) -> NcclResult;
 type GetErrorStringFn = unsafe extern "C" fn(NcclResult) -> *const c_char;
@@ -99,21 +100,14 @@ fn load_nccl(inputs: &SearchInputs) -> Result<NcclApi, String> {
             // and when libtorch already loaded this file dlopen just returns the same handle.
             Candidate::File { path, .. } => unsafe { libloading::Library::new(path) },
             // SAFETY: as above, for a file the system loader finds by NCCL's own names.
-            Candidate::System { name } => unsafe { libloading::Library::new(name) },
+            Candidate::System { name } => unsafe { libloading::Library::new(*name) },
         };
         match opened {
             Ok(library) => return resolve(library, candidate.to_string()),
             Err(e) => failures.push(format!("{candidate}: {e}")),
         }
     }
-    let missing = search.missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
-    Err(format!(
-        "the NCCL library (libnccl.so.2, from the nvidia-nccl-cu13 wheel) was not found: no such file at [{}], \
-         and loading failed for [{}]; install torch's CUDA wheels in $HCMOCO_VENV or point $LIBTORCH at a \
-         PyPI torch",
-        missing.join(", "),
-        failures.join("; ")
-    ))
+    Err(search::not_found_message(&search, &failures))
 }
 
 fn resolve(library: libloading::Library, source: String) -> Result<NcclApi, String> {
@@ -300,7 +294,13 @@ impl RawComm {
     /// # Safety
     /// `buf` is device memory of the communicator's device holding `count` elements of `dtype`, valid
     /// until the operation completes.
-    pub(super) unsafe fn all_reduce(&self, buf: *mut c_void, count: usize, dtype: ncclDataType_t, op: ncclRedOp_t) -> NcclResult {
+    pub(super) unsafe fn all_reduce(
+        &self,
+        buf: *mut c_void,
+        count: usize,
+        dtype: ncclDataType_t,
+        op: ncclRedOp_t,
+    ) -> NcclResult {
         // SAFETY: per the function's contract; the null stream is the legacy default stream.
         unsafe { (self.api.all_reduce)(buf, buf, count, dtype, op, self.raw, legacy_stream()) }
     }

@@ -81,7 +81,8 @@ impl Header {
 
     /// Decodes a header received from a peer (`Err` for garbage, which means a corrupt exchange).
     pub(super) fn decode(raw: &[i64]) -> Result<Header, String> {
-        let [op, kind, arg, numel, ndim] = raw.get(..5).and_then(|h| <[i64; 5]>::try_from(h).ok()).ok_or("short header")?;
+        let [op, kind, arg, numel, ndim] =
+            raw.get(..5).and_then(|h| <[i64; 5]>::try_from(h).ok()).ok_or("short header")?;
         let ndim = usize::try_from(ndim).ok().filter(|n| *n <= MAX_DIMS).ok_or(format!("bad dim count {ndim}"))?;
         let dims = raw.get(5..5 + ndim).ok_or("short header")?.to_vec();
         Ok(Header { op, kind, arg, numel, dims })
@@ -214,7 +215,10 @@ pub(super) fn plan_gather(headers: &[Header]) -> Result<GatherPlan, Disagreement
     check_order(headers)?;
     let reference = &headers[0];
     for (rank, h) in headers.iter().enumerate() {
-        if h.kind != reference.kind || h.dims.is_empty() || h.dims.len() != reference.dims.len() || h.dims[1..] != reference.dims[1..]
+        if h.kind != reference.kind
+            || h.dims.is_empty()
+            || h.dims.len() != reference.dims.len()
+            || h.dims[1..] != reference.dims[1..]
         {
             return Err(Disagreement::Mismatch {
                 rank,
@@ -310,7 +314,8 @@ mod tests {
     #[test]
     fn headers_round_trip_through_their_encoding() {
         for dims in [&[][..], &[0], &[3, 4], &[1, 2, 3, 4, 5, 6, 7, 8]] {
-            let h = Header::new(OpCode::Broadcast, Some(Kind::BFloat16), 2, dims.iter().product(), dims).expect("header");
+            let h =
+                Header::new(OpCode::Broadcast, Some(Kind::BFloat16), 2, dims.iter().product(), dims).expect("header");
             assert_eq!(Header::decode(&h.encode()), Ok(h));
         }
         assert!(Header::new(OpCode::Broadcast, None, 0, 1, &[1; 9]).is_err());
@@ -320,7 +325,11 @@ mod tests {
 
     #[test]
     fn gather_plan_for_unequal_rows_pads_to_the_largest_and_trims() {
-        let headers = [gather_header(Kind::Float, &[3, 4]), gather_header(Kind::Float, &[0, 4]), gather_header(Kind::Float, &[5, 4])];
+        let headers = [
+            gather_header(Kind::Float, &[3, 4]),
+            gather_header(Kind::Float, &[0, 4]),
+            gather_header(Kind::Float, &[5, 4]),
+        ];
         let plan = plan_gather(&headers).expect("plan");
         assert_eq!(plan.rows, vec![3, 0, 5]);
         assert_eq!((plan.max_rows, plan.total_rows), (5, 8));
@@ -335,7 +344,8 @@ mod tests {
         let equal = plan_gather(&[gather_header(Kind::Int64, &[2]), gather_header(Kind::Int64, &[2])]).expect("plan");
         assert!(equal.uniform());
         assert_eq!(equal.output_dims(), vec![4]);
-        let empty = plan_gather(&[gather_header(Kind::Bool, &[0, 3]), gather_header(Kind::Bool, &[0, 3])]).expect("plan");
+        let empty =
+            plan_gather(&[gather_header(Kind::Bool, &[0, 3]), gather_header(Kind::Bool, &[0, 3])]).expect("plan");
         assert_eq!((empty.max_rows, empty.total_rows, empty.segments()), (0, 0, vec![]));
         assert_eq!(empty.output_dims(), vec![0, 3]);
     }
@@ -382,17 +392,31 @@ mod tests {
             check_reduce(&[h(Kind::Float, 12, 0), h(Kind::Float, 12, 0), h(Kind::Float, 13, 0)]),
             Err(Disagreement::Mismatch { rank: 2, .. })
         ));
-        assert!(matches!(check_reduce(&[h(Kind::Float, 12, 0), h(Kind::BFloat16, 12, 0)]), Err(Disagreement::Mismatch { rank: 1, .. })));
-        assert!(matches!(check_reduce(&[h(Kind::Float, 12, 0), h(Kind::Float, 12, 1)]), Err(Disagreement::Mismatch { rank: 1, .. })));
+        assert!(matches!(
+            check_reduce(&[h(Kind::Float, 12, 0), h(Kind::BFloat16, 12, 0)]),
+            Err(Disagreement::Mismatch { rank: 1, .. })
+        ));
+        assert!(matches!(
+            check_reduce(&[h(Kind::Float, 12, 0), h(Kind::Float, 12, 1)]),
+            Err(Disagreement::Mismatch { rank: 1, .. })
+        ));
     }
 
     #[test]
     fn broadcast_compares_against_the_root() {
-        let h = |dims: &[i64], root| Header::new(OpCode::Broadcast, Some(Kind::Float), root, dims.iter().product(), dims).expect("header");
+        let h = |dims: &[i64], root| {
+            Header::new(OpCode::Broadcast, Some(Kind::Float), root, dims.iter().product(), dims).expect("header")
+        };
         assert_eq!(check_broadcast(&[h(&[2, 3], 1), h(&[2, 3], 1)]), Ok(1));
         // Rank 0 differs from the root (rank 1): rank 0 is named.
-        assert!(matches!(check_broadcast(&[h(&[3, 2], 1), h(&[2, 3], 1)]), Err(Disagreement::Mismatch { rank: 0, .. })));
-        assert!(matches!(check_broadcast(&[h(&[2, 3], 0), h(&[2, 3], 1)]), Err(Disagreement::Mismatch { rank: 1, .. })));
+        assert!(matches!(
+            check_broadcast(&[h(&[3, 2], 1), h(&[2, 3], 1)]),
+            Err(Disagreement::Mismatch { rank: 0, .. })
+        ));
+        assert!(matches!(
+            check_broadcast(&[h(&[2, 3], 0), h(&[2, 3], 1)]),
+            Err(Disagreement::Mismatch { rank: 1, .. })
+        ));
     }
 
     #[test]

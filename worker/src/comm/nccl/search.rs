@@ -66,7 +66,7 @@ pub(super) struct Search {
 /// Candidates for NCCL in the order of the module documentation.
 pub(super) fn nccl_candidates(inputs: &SearchInputs) -> Search {
     let mut search = Search::default();
-    let mut push_file = |search: &mut Search, path: PathBuf, origin: &'static str| {
+    let push_file = |search: &mut Search, path: PathBuf, origin: &'static str| {
         let known = search.candidates.iter().any(|c| matches!(c, Candidate::File { path: p, .. } if *p == path));
         if !known {
             search.candidates.push(Candidate::File { path, origin });
@@ -89,6 +89,17 @@ pub(super) fn nccl_candidates(inputs: &SearchInputs) -> Search {
     search
 }
 
+/// Why NCCL could not be loaded: the files looked for, and each load that failed.
+pub(super) fn not_found_message(search: &Search, failures: &[String]) -> String {
+    let missing = search.missing.iter().map(|p| p.display().to_string()).collect::<Vec<_>>();
+    format!(
+        "the NCCL library (libnccl.so.2, from the nvidia-nccl-cu13 wheel) was not found: no such file at [{}]; \
+         loading failed for [{}]; install torch's CUDA wheels in $HCMOCO_VENV or point $LIBTORCH at a PyPI torch",
+        missing.join(", "),
+        failures.join("; ")
+    )
+}
+
 /// The site-packages directories to look in, with where each came from, without duplicates.
 pub(super) fn site_packages_dirs(inputs: &SearchInputs) -> Vec<(PathBuf, &'static str)> {
     let mut dirs: Vec<(PathBuf, &'static str)> = Vec::new();
@@ -102,7 +113,8 @@ pub(super) fn site_packages_dirs(inputs: &SearchInputs) -> Vec<(PathBuf, &'stati
         push(parent.to_path_buf(), "site-packages above $LIBTORCH");
     }
     // The mapped libtorch lives in `.../site-packages/torch/lib/`.
-    if let Some(site_packages) = mapped_torch_lib_dir(&inputs.maps).as_deref().and_then(Path::parent).and_then(Path::parent)
+    if let Some(site_packages) =
+        mapped_torch_lib_dir(&inputs.maps).as_deref().and_then(Path::parent).and_then(Path::parent)
     {
         push(site_packages.to_path_buf(), "site-packages of the loaded libtorch");
     }
@@ -209,7 +221,8 @@ mod tests {
         let (_, site_packages) = fake_venv(dir.path(), true);
         let expected = site_packages.join("nvidia/nccl/lib/libnccl.so.2");
 
-        let by_env = nccl_candidates(&SearchInputs { libtorch: Some(site_packages.join("torch")), ..Default::default() });
+        let by_env =
+            nccl_candidates(&SearchInputs { libtorch: Some(site_packages.join("torch")), ..Default::default() });
         assert_eq!(files(&by_env), vec![(expected.clone(), "site-packages above $LIBTORCH")]);
 
         let maps = maps_line(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6"))
@@ -224,11 +237,8 @@ mod tests {
         let (venv, site_packages) = fake_venv(dir.path(), true);
         let wheel = site_packages.join("nvidia/nccl/lib/libnccl.so.2");
         let maps = maps_line(&site_packages.join("torch/lib/libtorch_cpu.so")) + &maps_line(&wheel);
-        let search = nccl_candidates(&SearchInputs {
-            maps,
-            libtorch: Some(site_packages.join("torch")),
-            venv: Some(venv),
-        });
+        let search =
+            nccl_candidates(&SearchInputs { maps, libtorch: Some(site_packages.join("torch")), venv: Some(venv) });
         assert_eq!(files(&search), vec![(wheel, "already loaded in this process")]);
     }
 
@@ -243,6 +253,25 @@ mod tests {
             vec![Candidate::System { name: "libnccl.so.2" }, Candidate::System { name: "libnccl.so" }]
         );
         assert!(search.missing.contains(&site_packages.join("nvidia/nccl/lib/libnccl.so.2")));
+    }
+
+    #[test]
+    fn the_not_found_message_names_the_files_and_the_failed_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (venv, site_packages) = fake_venv(dir.path(), false);
+        let search = nccl_candidates(&SearchInputs { venv: Some(venv), ..Default::default() });
+        let failures: Vec<String> = search
+            .candidates
+            .iter()
+            .map(|c| format!("{c}: cannot open shared object file: No such file or directory"))
+            .collect();
+        let message = not_found_message(&search, &failures);
+        assert!(message.starts_with("the NCCL library (libnccl.so.2, from the nvidia-nccl-cu13 wheel) was not found"));
+        assert!(
+            message.contains(&site_packages.join("nvidia/nccl/lib/libnccl.so.2").display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("libnccl.so.2 (system loader): cannot open shared object file"), "{message}");
     }
 
     #[test]

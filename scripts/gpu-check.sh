@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU check of the NCCL backend, for the accelerator machine (one GPU, python3 with PyPI torch, no Rust
+# toolchain). Run from the repository root with the worker binary built elsewhere and carried:
+#
+#   scripts/gpu-check.sh [path/to/hcmoco-worker]
+#
+# The binary defaults to $HCMOCO_WORKER_BIN, then target/release/ and target/debug/. Its run path names
+# the build machine's venv, so the loader is pointed at this machine's torch/lib and
+# site-packages/nvidia/*/lib. Runs `hcmoco-worker nccl-check` (world size 1: NCCL refuses two ranks on
+# one GPU, so multi-rank failure cannot be exercised here) and, if $HCMOCO_WORKER_TESTS names a carried
+# test binary of hcmoco-worker, its comm::nccl tests. Output goes to stdout and, when $OUT is set, to
+# $OUT/gpu-check.txt. Exit status: nccl-check's (124 when it timed out).
+set -uo pipefail
+
+check() {
+  local bin="${1:-${HCMOCO_WORKER_BIN:-}}" candidate torch_dir site libs dir rc
+  if [ -z "$bin" ]; then
+    for candidate in target/release/hcmoco-worker target/debug/hcmoco-worker; do
+      if [ -x "$candidate" ]; then bin="$candidate"; break; fi
+    done
+  fi
+  echo "== gpu-check $(date -u +%FT%TZ) on $(hostname)"
+  if [ ! -x "$bin" ]; then
+    echo "no hcmoco-worker binary: pass its path or set HCMOCO_WORKER_BIN"
+    return 2
+  fi
+  timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "(no nvidia-smi)"
+  if ! torch_dir="$(timeout 120 python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')"; then
+    echo "python3 cannot import torch"
+    return 2
+  fi
+  timeout 120 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
+    "nccl", ".".join(map(str, torch.cuda.nccl.version())), "gpus", torch.cuda.device_count())' || true
+  site="$(dirname "$torch_dir")"
+  libs="$torch_dir/lib"
+  for dir in "$site"/nvidia/*/lib; do
+    if [ -d "$dir" ]; then libs="$libs:$dir"; fi
+  done
+  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LIBTORCH="$torch_dir" NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RUST_LOG="${RUST_LOG:-info}"
+  echo "binary: $bin"
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ldd "$bin" | grep "not found" || echo "all shared libraries of the binary resolve"
+
+  echo "== hcmoco-worker nccl-check"
+  timeout -k 10 300 "$bin" nccl-check
+  rc=$?
+  echo "== nccl-check exit status $rc"
+  if [ -n "${HCMOCO_WORKER_TESTS:-}" ]; then
+    echo "== $HCMOCO_WORKER_TESTS comm::nccl"
+    timeout -k 10 120 "$HCMOCO_WORKER_TESTS" comm::nccl
+    echo "== tests exit status $?"
+  fi
+  return "$rc"
+}
+
+if [ -n "${OUT:-}" ]; then
+  check "$@" 2>&1 | tee "$OUT/gpu-check.txt"
+  exit "${PIPESTATUS[0]}"
+fi
+check "$@"
