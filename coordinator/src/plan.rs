@@ -157,7 +157,7 @@ impl DataPlan {
         // permutation. Without weights there is one pass.
         let n = self.sizes[d];
         let (pass, r) = (j / n, j % n);
-        let key = self.seed ^ mix(0xda7a_5e7 + d as u64);
+        let key = self.seed ^ mix(0x0da7_a5e7 + d as u64);
         SampleRef { dataset: d as u32, index: permute(r, n, key, mix(epoch) ^ pass) }
     }
 }

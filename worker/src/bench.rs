@@ -148,6 +148,8 @@ pub fn run_parent(spec: &BenchSpec) -> anyhow::Result<()> {
 
 /// One rank of a benchmark (the hidden `bench rank` mode).
 pub fn run_rank(spec: &BenchSpec, rank: usize) -> anyhow::Result<()> {
+    // A rank never outlives its parent (a killed or crashed benchmark leaves no orphans spinning).
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL)).context("prctl")?;
     tch::set_num_threads(1);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("bind")?;
     println!("listening {}", listener.local_addr()?);

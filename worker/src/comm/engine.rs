@@ -14,7 +14,7 @@
 //! reduction of one read overlaps the transfer of the next). A shared-memory segment is reduced or
 //! copied straight out of the shared slot.
 //!
-//! Waiting: with a shared-memory side involved, spin briefly (some tens of microseconds), then sleep
+//! Waiting: with a shared-memory side involved, spin briefly (10 us), then sleep
 //! on the ring's futex (woken by the neighbour's next publish, or after 1 ms); with tcp only, sleep in
 //! `poll` until a socket is ready; with both, sleep in `poll` with a growing timeout (20 us to 1 ms).
 //! Every wait polls the connections for abort notices and closed peers, checks the abort flag, the
@@ -33,8 +33,10 @@ use super::link::{AbortState, Incoming, Links, Peer, Rx, Tx};
 
 /// Upper bound on a variable-length message announced by a peer (guards the allocation).
 const MAX_PAYLOAD: u64 = 1 << 36;
-/// Rounds of the loop spent spinning on a shared ring before sleeping (some tens of microseconds).
-const SPIN_ROUNDS: u32 = 500;
+/// How long a wait on a shared ring spins before it sleeps: long enough to catch a neighbour that
+/// runs on another core (a small message's hop takes 1-3 us), short enough to hand the core over
+/// when the neighbour shares this one (an oversubscribed host), where spinning only delays it.
+const SPIN_TIME: Duration = Duration::from_micros(10);
 /// Longest sleep on a ring's futex: the wait then looks at the sockets, the abort flag and the clock.
 const FUTEX_SLEEP: Duration = Duration::from_millis(1);
 const FIRST_SLEEP: Duration = Duration::from_micros(20);
@@ -103,7 +105,10 @@ struct State {
     right_closed: bool,
     last_progress: Instant,
     last_liveness: Instant,
-    idle: u32,
+    /// When the current wait (rounds without progress) began.
+    waiting_since: Option<Instant>,
+    /// Sleeps in the current wait.
+    naps: u32,
 }
 
 /// Runs `plan` to completion on this rank. On error the caller poisons the ring and tells the
@@ -143,7 +148,8 @@ fn run_inner<P: Plan>(links: &mut Links, plan: &mut P, ctx: &Context<'_>) -> Res
         right_closed: false,
         last_progress: now,
         last_liveness: now,
-        idle: 0,
+        waiting_since: None,
+        naps: 0,
     };
     loop {
         if ctx.abort.is_set() {
@@ -166,10 +172,10 @@ fn run_inner<P: Plan>(links: &mut Links, plan: &mut P, ctx: &Context<'_>) -> Res
             return Ok(());
         }
         if progress {
-            s.idle = 0;
+            s.waiting_since = None;
+            s.naps = 0;
             s.last_progress = Instant::now();
         } else {
-            s.idle = s.idle.saturating_add(1);
             wait(links, &mut s, ctx, n_rx, n_tx, tx_blocked)?;
         }
     }
@@ -442,17 +448,19 @@ fn wait(
     let tx_shm_blocked = tx_blocked && tx_shm;
     let shm_waiting = rx_shm_waiting || tx_shm_blocked;
     let tcp_waiting = (rx_waiting && !rx_shm) || (tx_blocked && !tx_shm);
-    if shm_waiting && s.idle < SPIN_ROUNDS {
+    let waiting_since = *s.waiting_since.get_or_insert_with(Instant::now);
+    if shm_waiting && waiting_since.elapsed() < SPIN_TIME {
         std::hint::spin_loop();
         return Ok(());
     }
+    s.naps = s.naps.saturating_add(1);
     // Shared memory only: look at the sockets without blocking, then sleep on the ring's futex.
     // Shared memory and tcp: sleep in poll, briefly (backing off), and look at the ring again.
     // Tcp only: sleep in poll until a socket is ready (waking for liveness checks).
     let sleep = match (shm_waiting, tcp_waiting) {
         (true, false) => Duration::ZERO,
         (true, true) => {
-            let doublings = (s.idle - SPIN_ROUNDS).min(16);
+            let doublings = (s.naps - 1).min(16);
             FIRST_SLEEP.saturating_mul(1 << doublings).min(LONGEST_SLEEP)
         }
         (false, _) => LIVENESS_PERIOD,

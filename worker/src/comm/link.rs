@@ -389,4 +389,15 @@ mod tests {
         assert!(Liveness::watch(std::process::id(), start + 1).is_none());
         assert!(Liveness::watch(u32::MAX - 1, start).is_none());
     }
+
+    #[test]
+    fn a_process_that_exits_is_no_longer_alive() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        let start = proc_start_time(child.id()).expect("child visible in /proc");
+        let watch = Liveness::watch(child.id(), start).expect("watchable");
+        assert!(watch.alive());
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(!watch.alive());
+    }
 }

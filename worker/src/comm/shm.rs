@@ -37,8 +37,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use rustix::thread::futex;
 use rustix::event::Timespec;
+use rustix::thread::futex;
 
 use super::frame::{RECORD_LEN, RecordHeader};
 
