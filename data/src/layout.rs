@@ -317,3 +317,23 @@ mod tests {
         assert!(out.iter().all(|p| *p == [0.0, 0.0]));
     }
 }
+
+/// Body-part labels of `parts.png` (index = label value; 0 is background). 14 parts plus background,
+/// left and right as seen by the person.
+pub const PART_NAMES: [&str; 15] = [
+    "background",
+    "head",
+    "torso",
+    "right_upper_arm",
+    "right_lower_arm",
+    "left_upper_arm",
+    "left_lower_arm",
+    "right_upper_leg",
+    "right_lower_leg",
+    "left_upper_leg",
+    "left_lower_leg",
+    "right_hand",
+    "left_hand",
+    "right_foot",
+    "left_foot",
+];

@@ -443,6 +443,7 @@ mod tests {
             key: key.into(),
             rgb: RgbImage { width: 4, height: 3, data: vec![key.len() as u8; 36] },
             depth: depth.then(|| DepthImage { width: 4, height: 3, data: vec![3000; 12] }),
+            parts: None,
             layout: KeypointLayout::Coco13,
             joints: (0..13).map(|i| Joint { x: i as f32, y: 1.0, visible: true }).collect(),
         }

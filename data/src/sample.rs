@@ -26,12 +26,23 @@ pub struct DepthImage {
     pub data: Vec<u16>,
 }
 
-/// One multi-modal sample. `depth` is `None` for RGB-only samples (the `has_depth` flag).
+/// Per-pixel body-part labels, row-major (`data.len() == width * height`); 0 is background, `1..`
+/// index [`crate::PART_NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelImage {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+/// One multi-modal sample. `depth` is `None` for RGB-only samples (the `has_depth` flag); `parts` is
+/// present when the source knows body-part labels (for downstream evaluation, not for training).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
     pub key: String,
     pub rgb: RgbImage,
     pub depth: Option<DepthImage>,
+    pub parts: Option<LabelImage>,
     pub layout: KeypointLayout,
     pub joints: Vec<Joint>,
 }

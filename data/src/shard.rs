@@ -382,7 +382,7 @@ impl ShardReader {
                 ));
             }
         }
-        Ok(Sample { key: key.to_string(), rgb, depth, layout, joints })
+        Ok(Sample { key: key.to_string(), rgb, depth, parts: None, layout, joints })
     }
 
     fn read_member(&self, file: &mut File, key: &str, suffix: &str, m: Member) -> Result<Vec<u8>, DataError> {
@@ -562,7 +562,7 @@ mod tests {
         let joints = (0..16)
             .map(|i| Joint { x: i as f32 * 0.25 + f32::from(seed), y: -(i as f32), visible: i % 4 != 1 })
             .collect();
-        Sample { key: key.to_string(), rgb, depth, layout: KeypointLayout::Mpii16, joints }
+        Sample { key: key.to_string(), rgb, depth, parts: None, layout: KeypointLayout::Mpii16, joints }
     }
 
     fn write(path: &Path, samples: &[Sample]) -> ShardSummary {

@@ -661,7 +661,7 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
             })
             .collect(),
     });
-    Sample { key: sample_key(index), rgb, depth, layout: cfg.layout, joints }
+    Sample { key: sample_key(index), rgb, depth, parts: None, layout: cfg.layout, joints }
 }
 
 #[cfg(test)]
