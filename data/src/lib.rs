@@ -11,8 +11,11 @@
 //! - [`manifest`]: [`Manifest`] (`manifest.json`, format `hcmoco-shards/1`, validated, saved
 //!   atomically) and [`Dataset`] (global index over the shards, lazy shard open, `verify`).
 //! - [`synth`]: the deterministic procedural generator ([`SynthConfig`], [`generate`]).
+//! - [`augment`]: augmentation consistent across modalities (one similarity transform per sample,
+//!   seeded by (seed, epoch, slot)).
 //! - [`error`]: [`DataError`]; every variant names the file, the sample key and the field at fault.
 
+pub mod augment;
 mod codec;
 pub mod error;
 pub mod layout;

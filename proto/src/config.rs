@@ -92,11 +92,36 @@ impl Default for WorkersConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// The datasets the job mixes.
     pub datasets: Vec<DatasetConfig>,
+    /// Side of the square training crop (pixels). 0: no augmentation, images are used as stored (then
+    /// every dataset must store one image size).
+    pub image_size: u32,
+    /// Samples with depth: a square crop around the person covering this share range of the image area.
+    pub crop_scale_min: f32,
+    pub crop_scale_max: f32,
+    /// RGB-only samples: crop side = person box x 1.25 x (1 +- scale_jitter), rotated by +- rotation_deg.
+    pub scale_jitter: f32,
+    pub rotation_deg: f32,
+    /// Threads decoding and augmenting samples off the training thread.
+    pub loader_threads: u32,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            datasets: Vec::new(),
+            image_size: 64,
+            crop_scale_min: 0.08,
+            crop_scale_max: 1.2,
+            scale_jitter: 0.25,
+            rotation_deg: 30.0,
+            loader_threads: 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -334,6 +359,19 @@ impl JobConfig {
                 }
                 _ => {}
             }
+        }
+        let d = &self.data;
+        if !(d.crop_scale_min > 0.0 && d.crop_scale_min <= d.crop_scale_max && d.crop_scale_max.is_finite()) {
+            return Err(ConfigError::invalid("data.crop_scale_min", "needs 0 < crop_scale_min <= crop_scale_max"));
+        }
+        if !(d.scale_jitter >= 0.0 && d.scale_jitter < 1.0) {
+            return Err(ConfigError::invalid("data.scale_jitter", "must be in [0, 1)"));
+        }
+        if !(d.rotation_deg >= 0.0 && d.rotation_deg <= 180.0) {
+            return Err(ConfigError::invalid("data.rotation_deg", "must be in [0, 180]"));
+        }
+        if d.loader_threads == 0 {
+            return Err(ConfigError::invalid("data.loader_threads", "must be at least 1"));
         }
         let m = &self.model;
         if m.backbone != "small" {

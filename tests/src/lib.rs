@@ -134,6 +134,8 @@ pub fn small_job(manifest: &Path, out: &Path, workers: u32, steps: u64, global_b
     cfg.collective.timeout_ms = 20_000;
     cfg.rendezvous.settle_ms = 100;
     cfg.runtime.torch_threads = 1;
+    // Images as stored (tests that exercise augmentation set a crop size).
+    cfg.data.image_size = 0;
     cfg
 }
 

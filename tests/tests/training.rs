@@ -92,6 +92,8 @@ fn equivalence_config(
     cfg.model.groups = 4;
     cfg.model.dtype = dtype;
     cfg.optimizer.lr = 0.05;
+    // Augmented crops: seeded by (seed, epoch, slot), they must not depend on which rank loads a sample.
+    cfg.data.image_size = 24;
     cfg
 }
 

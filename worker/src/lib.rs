@@ -4,6 +4,7 @@
 //! - [`comm`]: the [`comm::Communicator`] abstraction and its CPU backend (a TCP ring between ranks).
 //! - [`model`]: the encoders (RGB, depth, keypoints) and their variables.
 //! - [`batch`]: decoded samples -> one rank's batch tensors and modality masks.
+//! - [`loader`]: decode + augment on a thread pool off the training thread, one step ahead.
 //! - [`loss`]: the sample-level in-batch terms as one rank's share of the global-batch loss.
 //! - [`buckets`]: gradient fusion: fixed-size buckets in a deterministic order.
 //! - [`bench`]: `hcmoco-worker bench`: collective benchmarks, one process per rank.
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod buckets;
 pub mod checkpoint;
 pub mod comm;
+pub mod loader;
 pub mod loss;
 pub mod model;
 pub mod optim;

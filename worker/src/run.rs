@@ -22,6 +22,8 @@ use tokio::runtime::{Handle, Runtime};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::batch;
+use crate::loader::{Loader, Request};
+use hcmoco_data::augment::AugmentConfig;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, Transport, connect_cpu_with};
 use crate::model::Model;
@@ -377,9 +379,10 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 first.layout
             );
         }
-        if (m.image_width, m.image_height) != (first.image_width, first.image_height) {
+        let fixed = m.image_width > 0 && (m.image_width, m.image_height) == (first.image_width, first.image_height);
+        if cfg.data.image_size == 0 && !fixed {
             bail!(
-                "data.datasets[{i}] images are {}x{}, data.datasets[0] are {}x{}: one size per job until augmentation lands",
+                "data.image_size = 0 trains on images as stored, which needs one image size: data.datasets[{i}] has {}x{}, data.datasets[0] {}x{} (0 = varies); set data.image_size",
                 m.image_width,
                 m.image_height,
                 first.image_width,
@@ -387,8 +390,21 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             );
         }
     }
+    let image_size = match cfg.data.image_size {
+        0 => (first.image_width, first.image_height),
+        s => (s, s),
+    };
+    let augment_cfg = (cfg.data.image_size > 0).then(|| AugmentConfig {
+        size: cfg.data.image_size,
+        scale_min: cfg.data.crop_scale_min,
+        scale_max: cfg.data.crop_scale_max,
+        scale_jitter: cfg.data.scale_jitter,
+        rotation_deg: cfg.data.rotation_deg,
+        ..AugmentConfig::default()
+    });
 
     let epoch_len: u64 = datasets.iter().map(Dataset::len).sum();
+    let mut loader = Loader::new(Arc::new(datasets), augment_cfg, cfg.seed, cfg.data.loader_threads as usize);
     let timeout = Duration::from_millis(cfg.collective.timeout_ms);
     // Device: --device, else the local rank's GPU for NCCL (ranks sharing a host), else the CPU.
     let local_rank = a.peers.iter().take(rank as usize).filter(|p| p.host_id == a.peers[rank as usize].host_id).count();
@@ -443,6 +459,12 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
     eprintln!("rank {rank}: ring formed, weights synchronised");
 
+    let fetch = |step: u64| {
+        ctx.call("fetch work", async |mut c| {
+            c.fetch_work(pb::FetchWorkRequest { worker_id: ctx.worker_id.clone(), generation, step }).await
+        })
+    };
+    let mut prefetched: Option<pb::FetchWorkResponse> = None;
     let names = term_names();
     let mut step = a.start_step;
     let mut last_loss = None;
@@ -452,40 +474,30 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         }
         ctx.current_step.store(step, Ordering::Relaxed);
         let t0 = Instant::now();
-        let work = ctx.call("fetch work", async |mut c| {
-            c.fetch_work(pb::FetchWorkRequest { worker_id: ctx.worker_id.clone(), generation, step }).await
-        })?;
+        let work = match prefetched.take() {
+            Some(w) if w.step == step => w,
+            _ => fetch(step)?,
+        };
         if work.done {
             if !work.message.is_empty() {
                 bail!("{}", work.message);
             }
             break;
         }
-        let mut samples = Vec::with_capacity(work.samples.len());
-        for s in &work.samples {
-            let d = datasets
-                .get(s.dataset as usize)
-                .with_context(|| format!("step {step}: dataset {} is not in the job", s.dataset))?;
-            samples.push(d.get(s.index).with_context(|| format!("step {step}: slot {}", s.slot))?);
+        loader.submit(step, requests(step, &work)?)?;
+        // Prefetch: the next step's work and samples load while this one trains.
+        if step + 1 < cfg.steps {
+            let next = fetch(step + 1)?;
+            if !next.done {
+                loader.submit(step + 1, requests(step + 1, &next)?)?;
+            }
+            prefetched = Some(next);
         }
-        let batch = batch::build(&samples, first.layout, (first.image_width, first.image_height), trainer.model.kind)
+        let samples = loader.take(step).with_context(|| format!("step {step}: loading"))?;
+        let batch = batch::build(&samples, first.layout, image_size, trainer.model.kind)
             .with_context(|| format!("step {step}: cannot build the batch"))?
             .to_device(device);
         let data_time = t0.elapsed();
-        let slots_ok = work.global_slot_begin <= work.local_slot_begin
-            && work.local_slot_begin <= work.local_slot_end
-            && work.local_slot_end <= work.global_slot_end
-            && work.samples.len() as u64 == work.local_slot_end - work.local_slot_begin;
-        if !slots_ok {
-            bail!(
-                "step {step}: the coordinator sent an inconsistent slice: global [{}, {}), local [{}, {}), {} samples",
-                work.global_slot_begin,
-                work.global_slot_end,
-                work.local_slot_begin,
-                work.local_slot_end,
-                work.samples.len()
-            );
-        }
         let offset = (work.local_slot_begin - work.global_slot_begin) as usize;
         let global_rows = (work.global_slot_end - work.global_slot_begin) as usize;
         let out = trainer
@@ -563,4 +575,35 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     }
     eprintln!("rank {rank}: finished at step {step}");
     Ok(RunSummary { job_id: ctx.job_id, worker_id: ctx.worker_id, rank, steps: step, last_loss })
+}
+
+/// The loader requests of one step's work, after checking that the coordinator's slice is consistent.
+fn requests(step: u64, work: &pb::FetchWorkResponse) -> anyhow::Result<Vec<Request>> {
+    let slots_ok = work.global_slot_begin <= work.local_slot_begin
+        && work.local_slot_begin <= work.local_slot_end
+        && work.local_slot_end <= work.global_slot_end
+        && work.samples.len() as u64 == work.local_slot_end - work.local_slot_begin;
+    if !slots_ok {
+        bail!(
+            "step {step}: the coordinator sent an inconsistent slice: global [{}, {}), local [{}, {}), {} samples",
+            work.global_slot_begin,
+            work.global_slot_end,
+            work.local_slot_begin,
+            work.local_slot_end,
+            work.samples.len()
+        );
+    }
+    Ok(work
+        .samples
+        .iter()
+        .enumerate()
+        .map(|(position, s)| Request {
+            step,
+            position,
+            dataset: s.dataset as usize,
+            index: s.index,
+            epoch: work.epoch,
+            slot: s.slot,
+        })
+        .collect())
 }
