@@ -98,6 +98,8 @@ struct Job {
     pending_reports: BTreeMap<u64, BTreeMap<u32, StepMetrics>>,
     latest: Option<StepMetrics>,
     latest_checkpoint: String,
+    /// Samples skipped under `data.on_error = "skip"`, all ranks and steps.
+    skipped_samples: u64,
     submitted_unix_ms: u64,
     updated_unix_ms: u64,
     changed: watch::Sender<u64>,
@@ -202,6 +204,8 @@ impl Job {
             latest.samples_per_sec = reports.values().map(|m| m.samples_per_sec).sum();
             latest.local_samples = reports.values().map(|m| m.local_samples).sum();
             latest.step_ms = reports.values().map(|m| m.step_ms).fold(0.0, f64::max);
+            latest.skipped_samples = reports.values().map(|m| m.skipped_samples).sum();
+            self.skipped_samples += u64::from(latest.skipped_samples);
             self.latest = Some(latest);
             self.committed_steps += 1;
             // persist: committed progress.
@@ -245,6 +249,7 @@ impl Job {
             dataset_samples: self.plan.epoch_len(),
             submitted_unix_ms: self.submitted_unix_ms,
             updated_unix_ms: self.updated_unix_ms,
+            skipped_samples: self.skipped_samples,
         }
     }
 }
@@ -335,6 +340,7 @@ impl Coordinator {
             pending_reports: BTreeMap::new(),
             latest: None,
             latest_checkpoint: String::new(),
+            skipped_samples: 0,
             submitted_unix_ms: now,
             updated_unix_ms: now,
             changed: watch::channel(0).0,

@@ -52,6 +52,13 @@ pub fn render(s: &pb::JobStatus) -> String {
         let _ = writeln!(out, "  loss {:.4}  [{}]", m.loss_total, terms.join(", "));
         let _ = writeln!(out, "  lr {:.5}  {:.1} samples/s", m.learning_rate, m.samples_per_sec);
     }
+    if s.skipped_samples > 0 {
+        let _ = writeln!(
+            out,
+            "  skipped {} unreadable samples (data.on_error = skip; see the worker logs)",
+            s.skipped_samples
+        );
+    }
     if !s.latest_checkpoint.is_empty() {
         let _ = writeln!(out, "  checkpoint {}", s.latest_checkpoint);
     }

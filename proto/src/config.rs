@@ -108,6 +108,9 @@ pub struct DataConfig {
     pub rotation_deg: f32,
     /// Threads decoding and augmenting samples off the training thread.
     pub loader_threads: u32,
+    /// A sample that cannot be read or decoded: `fail` the job (naming shard and key), or `skip` it
+    /// (logged with shard and key, counted in the job's status).
+    pub on_error: String,
 }
 
 impl Default for DataConfig {
@@ -120,6 +123,7 @@ impl Default for DataConfig {
             scale_jitter: 0.25,
             rotation_deg: 30.0,
             loader_threads: 2,
+            on_error: "fail".into(),
         }
     }
 }
@@ -369,6 +373,12 @@ impl JobConfig {
         }
         if !(d.rotation_deg >= 0.0 && d.rotation_deg <= 180.0) {
             return Err(ConfigError::invalid("data.rotation_deg", "must be in [0, 180]"));
+        }
+        if !["fail", "skip"].contains(&d.on_error.as_str()) {
+            return Err(ConfigError::invalid(
+                "data.on_error",
+                format!("{:?}: expected \"fail\" or \"skip\"", d.on_error),
+            ));
         }
         if d.loader_threads == 0 {
             return Err(ConfigError::invalid("data.loader_threads", "must be at least 1"));

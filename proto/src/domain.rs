@@ -244,6 +244,7 @@ pub struct StepMetrics {
     pub comm_ms: f64,
     pub local_samples: u32,
     pub learning_rate: f64,
+    pub skipped_samples: u32,
 }
 
 impl TryFrom<pb::StepMetrics> for StepMetrics {
@@ -282,6 +283,7 @@ impl TryFrom<pb::StepMetrics> for StepMetrics {
             comm_ms: time("comm_ms", m.comm_ms)?,
             local_samples: m.local_samples,
             learning_rate: time("learning_rate", m.learning_rate)?,
+            skipped_samples: m.skipped_samples,
         })
     }
 }
@@ -299,6 +301,7 @@ impl From<&StepMetrics> for pb::StepMetrics {
             comm_ms: m.comm_ms,
             local_samples: m.local_samples,
             learning_rate: m.learning_rate,
+            skipped_samples: m.skipped_samples,
         }
     }
 }

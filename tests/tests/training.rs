@@ -170,3 +170,51 @@ fn a_killed_worker_fails_the_job_fast_and_names_the_peer() {
     assert!(log.contains("peer rank 1"), "the survivor's collective error names its dead peer:\n{log}");
     assert!(killed_at.elapsed() < Duration::from_secs(25), "took {:?}", killed_at.elapsed());
 }
+
+/// Corrupts the RGB payload of sample `key` inside its shard, leaving the tar structure intact.
+fn corrupt_rgb(shard: &std::path::Path, key: &str) {
+    let mut bytes = std::fs::read(shard).expect("shard");
+    let name = format!("{key}.rgb.png");
+    let at = bytes.windows(name.len()).position(|w| w == name.as_bytes()).expect("member in shard");
+    let payload = at + 512; // the tar header is 512 bytes, the member's data follows
+    for b in &mut bytes[payload + 40..payload + 80] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(shard, bytes).expect("write");
+}
+
+/// A corrupt sample: under `data.on_error = "fail"` the job fails naming the shard and the sample;
+/// under `"skip"` it trains on, and the skipped sample is counted in the job's status and named in
+/// the worker's log, never dropped silently.
+#[test]
+fn a_corrupt_sample_fails_the_job_or_is_skipped_and_counted() {
+    for policy in ["fail", "skip"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let manifest = synth(&tmp.path().join("data"), 16, 24, 9);
+        corrupt_rgb(&tmp.path().join("data/shard-00000.tar"), "synth-00000003");
+        let c = TestCoordinator::start();
+        let mut cfg = small_job(&manifest, tmp.path(), 2, 4, 8);
+        cfg.data.on_error = policy.into();
+        let job = c.submit(cfg);
+        let mut workers: Vec<WorkerProc> =
+            (0..2).map(|i| WorkerProc::spawn(&c.url(), &job, tmp.path().join(format!("w{i}.log")), &[])).collect();
+        let end = c.wait_until(&job, LIMIT, |_| {}, is_terminal).expect("job ends");
+        let codes: Vec<_> = workers.iter_mut().map(|w| w.wait(Duration::from_secs(60)).expect("exit")).collect();
+        let logs: String = workers.iter().map(WorkerProc::log_text).collect::<Vec<_>>().join("\n");
+        if policy == "fail" {
+            assert_eq!(state_of(&end), pb::JobState::Failed, "{logs}");
+            assert!(
+                end.message.contains("shard-00000.tar") && end.message.contains("synth-00000003"),
+                "{}",
+                end.message
+            );
+        } else {
+            assert_eq!(state_of(&end), pb::JobState::Completed, "{}\n{logs}", end.message);
+            assert!(codes.iter().all(|c| c.success()), "{logs}");
+            // 16 samples, 4 steps of 8: two epochs, the corrupt sample is met once per epoch.
+            assert_eq!(end.skipped_samples, 2, "{logs}");
+            assert!(logs.contains("skipped a sample") && logs.contains("synth-00000003"), "{logs}");
+            assert!(hcmoco_coordinator::status::render(&end).contains("skipped 2"));
+        }
+    }
+}

@@ -46,7 +46,8 @@ impl Loader {
         let (done_tx, results) = channel::<Loaded>();
         let threads = (0..threads.max(1))
             .map(|i| {
-                let (job_rx, done_tx, datasets, cfg) = (job_rx.clone(), done_tx.clone(), datasets.clone(), augment_cfg.clone());
+                let (job_rx, done_tx, datasets, cfg) =
+                    (job_rx.clone(), done_tx.clone(), datasets.clone(), augment_cfg.clone());
                 std::thread::Builder::new()
                     .name(format!("hcmoco-load-{i}"))
                     .spawn(move || {
@@ -84,9 +85,9 @@ impl Loader {
         self.pending.contains_key(&step)
     }
 
-    /// The samples of a submitted `step`, in slot order (blocks until all are loaded). The first
-    /// failure is returned, naming the slot (and, from the dataset, the shard and sample key).
-    pub fn take(&mut self, step: u64) -> anyhow::Result<Vec<Sample>> {
+    /// The samples of a submitted `step`, in slot order (blocks until all are loaded); a sample that
+    /// failed is its error, naming the slot (and, from the dataset, the shard and sample key).
+    pub fn take(&mut self, step: u64) -> anyhow::Result<Vec<anyhow::Result<Sample>>> {
         let Some((want, _)) = self.pending.get(&step) else { bail!("step {step} was never submitted to the loader") };
         let want = *want;
         while self.pending.get(&step).map_or(0, |(_, got)| got.len()) < want {
@@ -96,13 +97,15 @@ impl Loader {
             }
         }
         let (_, got) = self.pending.remove(&step).unwrap_or_default();
-        got.into_values().collect()
+        Ok(got.into_values().collect())
     }
 }
 
 fn load(datasets: &[Dataset], cfg: Option<&AugmentConfig>, seed: u64, r: &Request) -> anyhow::Result<Sample> {
-    let d = datasets.get(r.dataset).with_context(|| format!("slot {}: dataset {} is not in the job", r.slot, r.dataset))?;
-    let sample = d.get(r.index).with_context(|| format!("slot {} (dataset {}, sample {})", r.slot, r.dataset, r.index))?;
+    let d =
+        datasets.get(r.dataset).with_context(|| format!("slot {}: dataset {} is not in the job", r.slot, r.dataset))?;
+    let sample =
+        d.get(r.index).with_context(|| format!("slot {} (dataset {}, sample {})", r.slot, r.dataset, r.index))?;
     Ok(match cfg {
         Some(cfg) => augment(&sample, cfg, seed, r.epoch, r.slot),
         None => sample,
@@ -131,7 +134,10 @@ mod tests {
     }
 
     fn requests(step: u64, slots: std::ops::Range<u64>) -> Vec<Request> {
-        slots.enumerate().map(|(p, slot)| Request { step, position: p, dataset: 0, index: (slot * 7) % 12, epoch: 1, slot }).collect()
+        slots
+            .enumerate()
+            .map(|(p, slot)| Request { step, position: p, dataset: 0, index: (slot * 7) % 12, epoch: 1, slot })
+            .collect()
     }
 
     #[test]
@@ -144,8 +150,10 @@ mod tests {
             l.submit(0, requests(0, 0..6)).expect("submit");
             l.submit(1, requests(1, 6..12)).expect("submit ahead");
         }
-        let (a1, b1) = (one.take(1).expect("take"), four.take(1).expect("take"));
-        let (a0, b0) = (one.take(0).expect("take"), four.take(0).expect("take"));
+        let ok =
+            |v: Vec<anyhow::Result<Sample>>| v.into_iter().collect::<anyhow::Result<Vec<Sample>>>().expect("all load");
+        let (a1, b1) = (ok(one.take(1).expect("take")), ok(four.take(1).expect("take")));
+        let (a0, b0) = (ok(one.take(0).expect("take")), ok(four.take(0).expect("take")));
         assert_eq!(a0, b0);
         assert_eq!(a1, b1);
         assert_eq!(a0.len(), 6);
@@ -162,7 +170,9 @@ mod tests {
         let mut reqs = requests(0, 0..2);
         reqs[1].index = 99;
         l.submit(0, reqs).expect("submit");
-        let err = format!("{:#}", l.take(0).expect_err("out of range"));
+        let got = l.take(0).expect("take");
+        assert!(got[0].is_ok());
+        let err = format!("{:#}", got[1].as_ref().expect_err("out of range"));
         assert!(err.contains("slot 1"), "{err}");
         assert!(l.take(5).is_err());
     }

@@ -22,12 +22,12 @@ use tokio::runtime::{Handle, Runtime};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::batch;
-use crate::loader::{Loader, Request};
-use hcmoco_data::augment::AugmentConfig;
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, Transport, connect_cpu_with};
+use crate::loader::{Loader, Request};
 use crate::model::Model;
 use crate::train::{Trainer, term_names};
+use hcmoco_data::augment::AugmentConfig;
 
 /// How a worker process is started.
 #[derive(Debug, Clone)]
@@ -465,6 +465,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         })
     };
     let mut prefetched: Option<pb::FetchWorkResponse> = None;
+    let skip_bad = cfg.data.on_error == "skip";
     let names = term_names();
     let mut step = a.start_step;
     let mut last_loss = None;
@@ -493,16 +494,32 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             }
             prefetched = Some(next);
         }
-        let samples = loader.take(step).with_context(|| format!("step {step}: loading"))?;
+        let mut samples = Vec::new();
+        let mut skipped = 0u32;
+        for loaded in loader.take(step)? {
+            match loaded {
+                Ok(sample) => samples.push(sample),
+                // Skipped samples are logged (shard and key) and counted in the job's status.
+                Err(e) if skip_bad => {
+                    skipped += 1;
+                    eprintln!("rank {rank}: step {step}: skipped a sample: {e:#}");
+                }
+                Err(e) => return Err(e.context(format!("step {step}: loading (data.on_error = \"fail\")"))),
+            }
+        }
         let batch = batch::build(&samples, first.layout, image_size, trainer.model.kind)
             .with_context(|| format!("step {step}: cannot build the batch"))?
             .to_device(device);
         let data_time = t0.elapsed();
-        let offset = (work.local_slot_begin - work.global_slot_begin) as usize;
-        let global_rows = (work.global_slot_end - work.global_slot_begin) as usize;
-        let out = trainer
-            .step(&batch, offset, global_rows, work.learning_rate)
-            .with_context(|| format!("step {step} (rank {rank})"))?;
+        // Under the fail policy every rank brings exactly its planned rows; skipping may bring fewer.
+        let expected = (!skip_bad).then(|| {
+            (
+                (work.local_slot_begin - work.global_slot_begin) as usize,
+                (work.global_slot_end - work.global_slot_begin) as usize,
+            )
+        });
+        let out =
+            trainer.step(&batch, expected, work.learning_rate).with_context(|| format!("step {step} (rank {rank})"))?;
         last_loss = Some(out.total);
         tracing::debug!(
             step,
@@ -554,6 +571,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             comm_ms: out.comm.as_secs_f64() * 1e3,
             local_samples: batch.len() as u32,
             learning_rate: work.learning_rate,
+            skipped_samples: skipped,
         };
         ctx.call("report step", async |mut c| {
             c.report_step(pb::ReportStepRequest {

@@ -93,15 +93,11 @@ impl Trainer {
         Ok(())
     }
 
-    /// Trains one step on this rank's `batch`, whose rows are `[offset, offset + len)` of a global
-    /// batch of `global_rows`.
-    pub fn step(
-        &mut self,
-        batch: &Batch,
-        offset: usize,
-        global_rows: usize,
-        lr: f64,
-    ) -> Result<StepOutcome, StepError> {
+    /// Trains one step on this rank's `batch`. Where this rank's rows sit in the global batch comes
+    /// from the gather itself (every row carries its rank), so ranks may bring fewer rows than the
+    /// plan gave them (samples skipped under `data.on_error = "skip"`). `expected`, when given, is the
+    /// plan's `(offset, global rows)`, and any difference is an error (ranks disagree on the plan).
+    pub fn step(&mut self, batch: &Batch, expected: Option<(usize, usize)>, lr: f64) -> Result<StepOutcome, StepError> {
         let started = Instant::now();
         let mut clock = Clock { comm: Duration::ZERO };
         let kind = self.model.kind;
@@ -129,14 +125,29 @@ impl Trainer {
                 .to_device(dev)
                 .view([b, 1])
         };
+        let rank_col = Tensor::full([b, 1], self.comm.rank() as f64, (kind, dev));
         let local = Tensor::cat(
-            &[z_rgb.detach(), z_depth.detach(), z_kp.detach(), mask(&batch.has_depth), mask(&batch.has_keypoints)],
+            &[
+                z_rgb.detach(),
+                z_depth.detach(),
+                z_kp.detach(),
+                mask(&batch.has_depth),
+                mask(&batch.has_keypoints),
+                rank_col,
+            ],
             1,
         );
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
-        if rows != global_rows as i64 {
-            return Err(StepError::RowMismatch { got: rows, want: global_rows as i64 });
+        let ranks = Vec::<f64>::try_from(
+            &gathered.narrow(1, 3 * dim + 2, 1).reshape([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu),
+        )
+        .map_err(|e| StepError::Tensor(format!("reading the gathered ranks: {e}")))?;
+        let offset = ranks.iter().filter(|&&r| (r as usize) < self.comm.rank()).count();
+        if let Some((want_offset, want_rows)) = expected {
+            if rows != want_rows as i64 || offset != want_offset {
+                return Err(StepError::RowMismatch { got: rows, want: want_rows as i64 });
+            }
         }
         let leaves: [Tensor; 3] =
             std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
