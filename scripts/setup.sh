@@ -36,9 +36,11 @@ if [ ! -f "$HCMOCO_VENV/.complete" ]; then
   mkdir -p "$(dirname "$HCMOCO_VENV")"
   python3 -m venv "$HCMOCO_VENV"
   "$HCMOCO_VENV/bin/pip" install -q --upgrade pip
-  "$HCMOCO_VENV/bin/pip" install -q "torch==$HCMOCO_TORCH_VERSION" numpy safetensors
+  "$HCMOCO_VENV/bin/pip" install -q "torch==$HCMOCO_TORCH_VERSION" numpy safetensors webdataset==1.0.2 pillow==11.3.0
   touch "$HCMOCO_VENV/.complete"
 fi
+# webdataset + pillow (tests/tests/webdataset.rs) for venvs built before they were added; torch stays pinned
+"$HCMOCO_VENV/bin/python" -c 'import webdataset, PIL' 2>/dev/null || "$HCMOCO_VENV/bin/pip" install -q "torch==$HCMOCO_TORCH_VERSION" webdataset==1.0.2 pillow==11.3.0
 source "$here/env.sh"   # the venv's python directory is known now
 [ -d "$LIBTORCH/lib" ] || { log "libtorch not found at $LIBTORCH"; exit 1; }
 

@@ -168,8 +168,8 @@ pub fn apply(s: &Sample, t: &Transform) -> Sample {
                     let (px, py) = (ix + dx, iy + dy);
                     if px >= 0 && py >= 0 && px < sw && py < sh {
                         let i = ((py * sw + px) * 3) as usize;
-                        for c in 0..3 {
-                            acc[c] += wx * wy * f32::from(s.rgb.data[i + c]);
+                        for (a, &v) in acc.iter_mut().zip(&s.rgb.data[i..i + 3]) {
+                            *a += wx * wy * f32::from(v);
                         }
                     }
                 }
@@ -236,11 +236,13 @@ mod tests {
                 parts.push(1 + (y % 14) as u8);
             }
         }
-        let joints = (0..16).map(|i| Joint { x: 10.0 + 3.0 * i as f32 + 0.5, y: 20.0 + 2.0 * i as f32 + 0.5, visible: i != 3 }).collect();
+        let joints = (0..16)
+            .map(|i| Joint { x: 10.0 + 3.0 * i as f32 + 0.5, y: 20.0 + 2.0 * i as f32 + 0.5, visible: i != 3 })
+            .collect();
         Sample {
             key: "k".into(),
             rgb: RgbImage { width: w, height: h, data: rgb },
-            depth: with_depth.then(|| DepthImage { width: w, height: h, data: depth }),
+            depth: with_depth.then_some(DepthImage { width: w, height: h, data: depth }),
             parts: Some(LabelImage { width: w, height: h, data: parts }),
             layout: KeypointLayout::Mpii16,
             joints,

@@ -1,4 +1,4 @@
-//! Member codecs: RGB and depth PNG, `kp2d.json`, `meta.json`.
+//! Member codecs: RGB PNG or JPEG, 16-bit depth PNG, 8-bit part-label PNG, `kp2d.json`, `meta.json`.
 //!
 //! Decoders take the shard path and sample key so that every error names them.
 
@@ -8,12 +8,14 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::DataError;
-use crate::layout::KeypointLayout;
-use crate::sample::{DepthImage, Joint, RgbImage};
+use crate::layout::{KeypointLayout, MAX_PART_LABEL};
+use crate::sample::{DepthImage, Joint, LabelImage, RgbImage};
 
 /// Member suffixes (`KEY.<suffix>`).
 pub(crate) const RGB_MEMBER: &str = "rgb.png";
+pub(crate) const RGB_JPEG_MEMBER: &str = "rgb.jpg";
 pub(crate) const DEPTH_MEMBER: &str = "depth.png";
+pub(crate) const PARTS_MEMBER: &str = "parts.png";
 pub(crate) const KP2D_MEMBER: &str = "kp2d.json";
 pub(crate) const META_MEMBER: &str = "meta.json";
 
@@ -30,6 +32,15 @@ pub(crate) struct Ctx<'a> {
 impl Ctx<'_> {
     fn corrupt_png(&self, member: &str, detail: impl ToString) -> DataError {
         DataError::CorruptPng {
+            shard: self.shard.to_path_buf(),
+            key: self.key.to_string(),
+            member: member.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn corrupt_jpeg(&self, member: &str, detail: impl ToString) -> DataError {
+        DataError::CorruptJpeg {
             shard: self.shard.to_path_buf(),
             key: self.key.to_string(),
             member: member.to_string(),
@@ -159,6 +170,73 @@ pub(crate) fn decode_depth_png(bytes: &[u8], ctx: Ctx<'_>) -> Result<DepthImage,
         return Err(ctx.corrupt_png(DEPTH_MEMBER, "decoded size does not match the header"));
     }
     Ok(DepthImage { width, height, data })
+}
+
+/// Encodes `KEY.parts.png`: 8-bit grayscale, one label per pixel. The caller has checked the labels.
+pub(crate) fn encode_parts_png(img: &LabelImage) -> Result<Vec<u8>, png::EncodingError> {
+    encode_png(img.width, img.height, png::ColorType::Grayscale, png::BitDepth::Eight, &img.data)
+}
+
+/// Decodes `KEY.parts.png`: must be 8-bit grayscale with every value at most [`MAX_PART_LABEL`].
+pub(crate) fn decode_parts_png(bytes: &[u8], ctx: Ctx<'_>) -> Result<LabelImage, DataError> {
+    let want = (png::ColorType::Grayscale, png::BitDepth::Eight);
+    let (width, height, data) = decode_png(bytes, ctx, PARTS_MEMBER, want, "8-bit grayscale")?;
+    if Some(data.len()) != LabelImage::expected_len(width, height) {
+        return Err(ctx.corrupt_png(PARTS_MEMBER, "decoded size does not match the header"));
+    }
+    if let Some(i) = data.iter().position(|&v| v > MAX_PART_LABEL) {
+        return Err(DataError::PartLabel {
+            shard: ctx.shard.to_path_buf(),
+            key: ctx.key.to_string(),
+            member: PARTS_MEMBER.to_string(),
+            label: data[i],
+            x: (i % width as usize) as u32,
+            y: (i / width as usize) as u32,
+            max: MAX_PART_LABEL,
+        });
+    }
+    Ok(LabelImage { width, height, data })
+}
+
+// ---------------------------------------------------------------------------------------------
+// JPEG
+
+/// Encodes an 8-bit RGB JPEG at `quality` (1..=100), without chroma subsampling. The caller has
+/// checked `data.len()` and that the sides fit in 16 bits.
+pub(crate) fn encode_rgb_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
+    let (Ok(w), Ok(h)) = (u16::try_from(img.width), u16::try_from(img.height)) else {
+        return Err(format!("{}x{} is too large for jpeg", img.width, img.height));
+    };
+    let mut out = Vec::with_capacity(img.data.len() / 4 + 1024);
+    let mut enc = jpeg_encoder::Encoder::new(&mut out, quality);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_1_1);
+    enc.encode(&img.data, w, h, jpeg_encoder::ColorType::Rgb).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Decodes `KEY.rgb.jpg` into 8-bit RGB (grayscale JPEGs are expanded to RGB).
+pub(crate) fn decode_rgb_jpeg(bytes: &[u8], ctx: Ctx<'_>) -> Result<RgbImage, DataError> {
+    use zune_jpeg::zune_core::bytestream::ZCursor;
+    use zune_jpeg::zune_core::colorspace::ColorSpace;
+    use zune_jpeg::zune_core::options::DecoderOptions;
+
+    let side = MAX_IMAGE_SIDE as usize;
+    let options =
+        DecoderOptions::default().set_max_width(side).set_max_height(side).jpeg_set_out_colorspace(ColorSpace::RGB);
+    let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    decoder.decode_headers().map_err(|e| ctx.corrupt_jpeg(RGB_JPEG_MEMBER, format!("{e:?}")))?;
+    let info = decoder.info().ok_or_else(|| ctx.corrupt_jpeg(RGB_JPEG_MEMBER, "no image header"))?;
+    let (width, height) = (u32::from(info.width), u32::from(info.height));
+    if width == 0 || height == 0 {
+        return Err(ctx.corrupt_jpeg(RGB_JPEG_MEMBER, format!("unsupported size {width}x{height}")));
+    }
+    let data = decoder.decode().map_err(|e| ctx.corrupt_jpeg(RGB_JPEG_MEMBER, format!("{e:?}")))?;
+    if Some(data.len()) != RgbImage::expected_len(width, height) {
+        return Err(
+            ctx.corrupt_jpeg(RGB_JPEG_MEMBER, format!("decoded {} bytes, expected {width}x{height}x3", data.len()))
+        );
+    }
+    Ok(RgbImage { width, height, data })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +388,64 @@ mod tests {
             let err = decode_kp2d(&bytes, ctx()).expect_err("wrong count");
             let is_joint_count = matches!(err, DataError::JointCount { expected: 16, found, .. } if found == n);
             prop_assert!(is_joint_count);
+        }
+    }
+
+    fn labels_strategy() -> impl Strategy<Value = LabelImage> {
+        (1u32..40, 1u32..40).prop_flat_map(|(w, h)| {
+            proptest::collection::vec(0u8..=MAX_PART_LABEL, (w * h) as usize).prop_map(move |data| LabelImage {
+                width: w,
+                height: h,
+                data,
+            })
+        })
+    }
+
+    /// A smooth random image: a bilinear blend of four random corner colours plus a little noise.
+    fn smooth_strategy() -> impl Strategy<Value = RgbImage> {
+        (8u32..48, 8u32..48, proptest::array::uniform12(0u8..=255), any::<u64>()).prop_map(|(w, h, c, seed)| {
+            let mut noise = seed;
+            let mut data = Vec::with_capacity((w * h * 3) as usize);
+            for y in 0..h {
+                for x in 0..w {
+                    let (fx, fy) = (x as f32 / (w - 1) as f32, y as f32 / (h - 1) as f32);
+                    for k in 0..3 {
+                        let top = f32::from(c[k]) * (1.0 - fx) + f32::from(c[3 + k]) * fx;
+                        let bottom = f32::from(c[6 + k]) * (1.0 - fx) + f32::from(c[9 + k]) * fx;
+                        noise = noise.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let jitter = ((noise >> 61) as f32) - 3.5;
+                        data.push((top * (1.0 - fy) + bottom * fy + jitter).round().clamp(0.0, 255.0) as u8);
+                    }
+                }
+            }
+            RgbImage { width: w, height: h, data }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn parts_png_round_trip(labels in labels_strategy()) {
+            let back = decode_parts_png(&encode_parts_png(&labels).expect("encode"), ctx()).expect("decode");
+            prop_assert_eq!(back, labels);
+        }
+
+        #[test]
+        fn parts_png_out_of_range_is_rejected(mut labels in labels_strategy(), at in any::<prop::sample::Index>(), bad in 15u8..) {
+            let i = at.index(labels.data.len());
+            labels.data[i] = bad;
+            let err = decode_parts_png(&encode_parts_png(&labels).expect("encode"), ctx()).expect_err("label > 14");
+            let (x, y) = ((i % labels.width as usize) as u32, (i / labels.width as usize) as u32);
+            let named = matches!(err, DataError::PartLabel { label, x: ex, y: ey, .. } if label == bad && ex == x && ey == y);
+            prop_assert!(named, "{}", err);
+        }
+
+        #[test]
+        fn jpeg_round_trip_within_tolerance(img in smooth_strategy(), quality in 90u8..=100) {
+            let back = decode_rgb_jpeg(&encode_rgb_jpeg(&img, quality).expect("encode"), ctx()).expect("decode");
+            prop_assert_eq!((back.width, back.height), (img.width, img.height));
+            let sum: u64 = back.data.iter().zip(&img.data).map(|(&a, &b)| u64::from(a.abs_diff(b))).sum();
+            let mae = sum as f64 / img.data.len() as f64;
+            prop_assert!(mae < 4.0, "quality {}: mean abs error {}", quality, mae);
         }
     }
 }

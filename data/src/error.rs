@@ -34,6 +34,9 @@ pub enum DataError {
     #[error("shard {shard}: sample {key}: member {member}: corrupt png: {detail}")]
     CorruptPng { shard: PathBuf, key: String, member: String, detail: String },
 
+    #[error("shard {shard}: sample {key}: member {member}: corrupt jpeg: {detail}")]
+    CorruptJpeg { shard: PathBuf, key: String, member: String, detail: String },
+
     #[error("shard {shard}: sample {key}: member {member}: expected {expected}, found {found}")]
     PngFormat { shard: PathBuf, key: String, member: String, expected: &'static str, found: String },
 
@@ -46,6 +49,12 @@ pub enum DataError {
     #[error("shard {shard}: sample {key}: rgb is {rgb_width}x{rgb_height} but depth is {depth_width}x{depth_height}")]
     SizeMismatch { shard: PathBuf, key: String, rgb_width: u32, rgb_height: u32, depth_width: u32, depth_height: u32 },
 
+    #[error("shard {shard}: sample {key}: member {member} is {width}x{height} but rgb is {rgb_width}x{rgb_height}")]
+    MemberSize { shard: PathBuf, key: String, member: String, width: u32, height: u32, rgb_width: u32, rgb_height: u32 },
+
+    #[error("shard {shard}: sample {key}: member {member}: label {label} at ({x}, {y}) is not a part (0..={max})")]
+    PartLabel { shard: PathBuf, key: String, member: String, label: u8, x: u32, y: u32, max: u8 },
+
     #[error("shard {shard}: sample {key}: field {field}: {detail}")]
     SampleField { shard: PathBuf, key: String, field: String, detail: String },
 
@@ -57,6 +66,9 @@ pub enum DataError {
 
     #[error("shard {shard}: sha256 mismatch: manifest says {expected}, file has {actual}")]
     ChecksumMismatch { shard: PathBuf, expected: String, actual: String },
+
+    #[error("shard writer {shard}: option {field}: {detail}")]
+    WriterOption { shard: PathBuf, field: &'static str, detail: String },
 
     #[error("cannot write sample {key:?}: field {field}: {detail}")]
     InvalidSample { key: String, field: String, detail: String },

@@ -337,3 +337,110 @@ pub const PART_NAMES: [&str; 15] = [
     "right_foot",
     "left_foot",
 ];
+
+/// The largest part label (`PART_NAMES.len() - 1`); `parts.png` values above it are an error.
+pub const MAX_PART_LABEL: u8 = (PART_NAMES.len() - 1) as u8;
+
+/// Part label values, index into [`PART_NAMES`].
+pub mod part {
+    pub const BACKGROUND: u8 = 0;
+    pub const HEAD: u8 = 1;
+    pub const TORSO: u8 = 2;
+    pub const R_UPPER_ARM: u8 = 3;
+    pub const R_LOWER_ARM: u8 = 4;
+    pub const L_UPPER_ARM: u8 = 5;
+    pub const L_LOWER_ARM: u8 = 6;
+    pub const R_UPPER_LEG: u8 = 7;
+    pub const R_LOWER_LEG: u8 = 8;
+    pub const L_UPPER_LEG: u8 = 9;
+    pub const L_LOWER_LEG: u8 = 10;
+    pub const R_HAND: u8 = 11;
+    pub const L_HAND: u8 = 12;
+    pub const R_FOOT: u8 = 13;
+    pub const L_FOOT: u8 = 14;
+}
+
+use part::*;
+
+/// MPII-16, per joint: the parts that meet there (the neck belongs to the head).
+const MPII16_ADJACENT: [&[u8]; 16] = [
+    &[R_LOWER_LEG, R_FOOT],             // r_ankle
+    &[R_UPPER_LEG, R_LOWER_LEG],        // r_knee
+    &[TORSO, R_UPPER_LEG],              // r_hip
+    &[TORSO, L_UPPER_LEG],              // l_hip
+    &[L_UPPER_LEG, L_LOWER_LEG],        // l_knee
+    &[L_LOWER_LEG, L_FOOT],             // l_ankle
+    &[TORSO, R_UPPER_LEG, L_UPPER_LEG], // pelvis
+    &[TORSO, HEAD],                     // thorax
+    &[HEAD, TORSO],                     // upper_neck
+    &[HEAD],                            // head_top
+    &[R_LOWER_ARM, R_HAND],             // r_wrist
+    &[R_UPPER_ARM, R_LOWER_ARM],        // r_elbow
+    &[TORSO, R_UPPER_ARM],              // r_shoulder
+    &[TORSO, L_UPPER_ARM],              // l_shoulder
+    &[L_UPPER_ARM, L_LOWER_ARM],        // l_elbow
+    &[L_LOWER_ARM, L_HAND],             // l_wrist
+];
+
+/// COCO-13, per joint: the parts that meet there.
+const COCO13_ADJACENT: [&[u8]; 13] = [
+    &[L_LOWER_LEG, L_FOOT],      // l_ankle
+    &[L_UPPER_LEG, L_LOWER_LEG], // l_knee
+    &[TORSO, L_UPPER_LEG],       // l_hip
+    &[TORSO, R_UPPER_LEG],       // r_hip
+    &[R_UPPER_LEG, R_LOWER_LEG], // r_knee
+    &[R_LOWER_LEG, R_FOOT],      // r_ankle
+    &[HEAD],                     // head (nose)
+    &[L_LOWER_ARM, L_HAND],      // l_wrist
+    &[L_UPPER_ARM, L_LOWER_ARM], // l_elbow
+    &[TORSO, L_UPPER_ARM],       // l_shoulder
+    &[TORSO, R_UPPER_ARM],       // r_shoulder
+    &[R_UPPER_ARM, R_LOWER_ARM], // r_elbow
+    &[R_LOWER_ARM, R_HAND],      // r_wrist
+];
+
+/// The part labels (values of [`PART_NAMES`]) adjacent to `joint` of `layout`: a visible keypoint lies
+/// on (within a pixel of) one of them. Empty for a joint index outside the layout.
+pub fn adjacent_parts(layout: KeypointLayout, joint: usize) -> &'static [u8] {
+    let table: &[&'static [u8]] = match layout {
+        KeypointLayout::Mpii16 => &MPII16_ADJACENT,
+        KeypointLayout::Coco13 => &COCO13_ADJACENT,
+    };
+    table.get(joint).copied().unwrap_or(&[])
+}
+
+#[cfg(test)]
+mod part_tests {
+    use super::*;
+
+    #[test]
+    fn adjacency_tables_are_consistent() {
+        assert_eq!(MAX_PART_LABEL, 14);
+        assert_eq!(PART_NAMES[usize::from(L_FOOT)], "left_foot");
+        assert_eq!(PART_NAMES[usize::from(R_UPPER_ARM)], "right_upper_arm");
+        for layout in KeypointLayout::ALL {
+            let mut seen = [false; 15];
+            for j in 0..layout.num_joints() {
+                let adj = adjacent_parts(layout, j);
+                assert!(!adj.is_empty(), "{layout} joint {j}");
+                for &p in adj {
+                    assert!((1..=MAX_PART_LABEL).contains(&p));
+                    seen[usize::from(p)] = true;
+                }
+                // sides agree with the joint's name
+                let name = layout.joint_names()[j];
+                for &p in adj {
+                    let part = PART_NAMES[usize::from(p)];
+                    if name.starts_with("l_") && part.starts_with("right")
+                        || name.starts_with("r_") && part.starts_with("left")
+                    {
+                        panic!("{layout} joint {name} next to {part}");
+                    }
+                }
+            }
+            // every part touches some joint
+            assert!(seen[1..].iter().all(|&s| s), "{layout}: {seen:?}");
+            assert!(adjacent_parts(layout, layout.num_joints()).is_empty());
+        }
+    }
+}

@@ -4,10 +4,15 @@
 //! # Layout
 //! - [`layout`]: keypoint layouts (MPII-16, COCO-13: joints, parents, root, hips) and
 //!   [`normalize_keypoints`], the keypoint-encoder input rule of the method page.
-//! - [`sample`]: the in-memory [`Sample`] (RGB, optional depth, joints) and its image types.
+//! - [`layout`] also holds the body-part labels ([`PART_NAMES`], [`part`]) and [`adjacent_parts`], the
+//!   parts that meet at each joint.
+//! - [`sample`]: the in-memory [`Sample`] (RGB, optional depth, optional part labels, joints) and its
+//!   image types.
 //! - [`shard`]: WebDataset-compatible tar shards: [`ShardWriter`] (deterministic bytes, SHA-256 while
 //!   writing) and [`ShardReader`] (header-only index at open, seek + decode one sample per read).
-//! - `codec` (private): member encodings: RGB / 16-bit depth PNG, `kp2d.json`, `meta.json`.
+//! - `codec` (private): member encodings: RGB PNG or JPEG ([`RgbEncoding`]), 16-bit depth PNG, 8-bit
+//!   part-label PNG, `kp2d.json`, `meta.json`. The shard module also exports the (doc-hidden) fuzzing
+//!   entry points that `data/fuzz` and the corpus replay test share.
 //! - [`manifest`]: [`Manifest`] (`manifest.json`, format `hcmoco-shards/1`, validated, saved
 //!   atomically) and [`Dataset`] (global index over the shards, lazy shard open, `verify`).
 //! - [`synth`]: the deterministic procedural generator ([`SynthConfig`], [`generate`]).
@@ -28,5 +33,5 @@ pub use error::DataError;
 pub use layout::*;
 pub use manifest::{Dataset, Manifest, ShardEntry};
 pub use sample::*;
-pub use shard::{ShardReader, ShardSummary, ShardWriter};
+pub use shard::{RgbEncoding, ShardReader, ShardSummary, ShardWriter};
 pub use synth::{SynthConfig, generate};

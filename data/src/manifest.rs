@@ -16,8 +16,9 @@ use crate::shard::{ShardReader, sha256_file};
 /// The manifest format this crate reads and writes.
 pub const MANIFEST_FORMAT: &str = "hcmoco-shards/1";
 
-/// Modality names a manifest may list. `rgb` and `kp2d` are required (every sample has both).
-pub const MODALITIES: [&str; 3] = ["rgb", "depth", "kp2d"];
+/// Modality names a manifest may list. `rgb` and `kp2d` are required (every sample has both); `parts`
+/// (body-part labels, `KEY.parts.png`) is listed when any sample has them.
+pub const MODALITIES: [&str; 4] = ["rgb", "depth", "kp2d", "parts"];
 
 /// A dataset: its shards, in order, with their sample counts and checksums.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,10 +28,12 @@ pub struct Manifest {
     pub format: String,
     pub name: String,
     pub layout: KeypointLayout,
-    /// Size of every sample's images (checked by [`Dataset::get`]).
+    /// Size of every sample's images (checked by [`Dataset::get`]); both 0 when the size varies per
+    /// sample (real datasets), both non-zero otherwise.
     pub image_width: u32,
     pub image_height: u32,
-    /// Subset of [`MODALITIES`]; `depth` present iff some shard has samples with depth.
+    /// Subset of [`MODALITIES`]; `depth` present iff some shard has samples with depth, `parts` when
+    /// some sample has part labels (checked when a shard is opened).
     pub modalities: Vec<String>,
     /// Total samples: the sum over `shards`.
     pub samples: u64,
@@ -102,9 +105,13 @@ impl Manifest {
         if self.name.trim().is_empty() {
             return Err(err("name".into(), "must not be empty".into()));
         }
-        if self.image_width == 0 || self.image_height == 0 {
-            let field = if self.image_width == 0 { "image_width" } else { "image_height" };
-            return Err(err(field.into(), "must be positive".into()));
+        if (self.image_width == 0) != (self.image_height == 0) {
+            let (field, other) =
+                if self.image_width == 0 { ("image_width", "image_height") } else { ("image_height", "image_width") };
+            return Err(err(
+                field.into(),
+                format!("is 0 but {other} is not: both 0 (size varies per sample) or both positive"),
+            ));
         }
         for (i, m) in self.modalities.iter().enumerate() {
             if !MODALITIES.contains(&m.as_str()) {
@@ -168,6 +175,17 @@ impl Manifest {
             ));
         }
         Ok(())
+    }
+
+    /// The image size every sample has, or `None` when `image_width` and `image_height` are 0 (the size
+    /// varies per sample).
+    pub fn fixed_image_size(&self) -> Option<(u32, u32)> {
+        (self.image_width > 0 && self.image_height > 0).then_some((self.image_width, self.image_height))
+    }
+
+    /// Whether the manifest lists `modality`.
+    pub fn has_modality(&self, modality: &str) -> bool {
+        self.modalities.iter().any(|m| m == modality)
     }
 
     /// Total number of samples with depth.
@@ -287,6 +305,17 @@ impl Dataset {
                 ),
             });
         }
+        if reader.with_parts() > 0 && !self.manifest.has_modality("parts") {
+            return Err(DataError::Manifest {
+                path: self.manifest_path.clone(),
+                field: "modalities".into(),
+                detail: format!(
+                    "{} has {} samples with parts.png but \"parts\" is not listed",
+                    self.shard_paths[i].display(),
+                    reader.with_parts()
+                ),
+            });
+        }
         // Another thread may have won the race; either reader is equivalent.
         let _ = cell.set(reader);
         cell.get().ok_or_else(|| DataError::Manifest {
@@ -318,10 +347,11 @@ impl Dataset {
                 format!("{} but the manifest says {}", sample.layout, self.manifest.layout),
             ));
         }
-        let (w, h) = (self.manifest.image_width, self.manifest.image_height);
-        if (sample.rgb.width, sample.rgb.height) != (w, h) {
+        if let Some((w, h)) = self.manifest.fixed_image_size()
+            && (sample.rgb.width, sample.rgb.height) != (w, h)
+        {
             return Err(field_err(
-                "rgb.png size",
+                "rgb size",
                 format!("{}x{} but the manifest says {w}x{h}", sample.rgb.width, sample.rgb.height),
             ));
         }
@@ -547,5 +577,61 @@ mod tests {
                 });
             }
         });
+    }
+
+    #[test]
+    fn image_size_may_vary_per_sample() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sized = |key: &str, w: u32, h: u32| Sample {
+            rgb: RgbImage { width: w, height: h, data: vec![9; (w * h * 3) as usize] },
+            depth: None,
+            parts: Some(crate::sample::LabelImage { width: w, height: h, data: vec![2; (w * h) as usize] }),
+            ..tiny(key, false)
+        };
+        let mut w = ShardWriter::create(dir.path().join("v.tar")).expect("create");
+        let samples = [sized("a", 4, 3), sized("b", 7, 2), sized("c", 1, 9)];
+        for s in &samples {
+            w.append(s).expect("append");
+        }
+        let summary = w.finish().expect("finish");
+        let mut m = Manifest {
+            format: MANIFEST_FORMAT.into(),
+            name: "varied".into(),
+            layout: KeypointLayout::Coco13,
+            image_width: 0,
+            image_height: 0,
+            modalities: vec!["rgb".into(), "kp2d".into(), "parts".into()],
+            samples: 3,
+            shards: vec![ShardEntry { path: "v.tar".into(), samples: 3, with_depth: 0, sha256: summary.sha256 }],
+        };
+        let path = dir.path().join("manifest.json");
+        m.save(&path).expect("save");
+        assert_eq!(m.fixed_image_size(), None);
+        let ds = Dataset::open(&path).expect("open");
+        for (g, want) in samples.iter().enumerate() {
+            assert_eq!(&ds.get(g as u64).expect("get"), want);
+        }
+
+        // a fixed size is still checked on every sample
+        m.image_width = 4;
+        m.image_height = 3;
+        m.save(&path).expect("save");
+        let ds = Dataset::open(&path).expect("open");
+        ds.get(0).expect("4x3 matches");
+        let err = ds.get(1).expect_err("7x2");
+        assert!(err.to_string().contains("7x2") && err.to_string().contains("v.tar"), "{err}");
+
+        // exactly one side 0 is refused
+        m.image_width = 0;
+        let err = m.save(&path).expect_err("one side 0");
+        assert!(err.to_string().contains("image_width"), "{err}");
+
+        // parts present but not listed
+        m.image_width = 0;
+        m.image_height = 0;
+        m.modalities = vec!["rgb".into(), "kp2d".into()];
+        m.save(&path).expect("save");
+        let err = Dataset::open(&path).expect("open").get(0).expect_err("parts not listed");
+        assert!(err.to_string().contains("\"parts\" is not listed"), "{err}");
     }
 }

@@ -1,4 +1,4 @@
-//! The in-memory sample: RGB, optional depth, 2D keypoints.
+//! The in-memory sample: RGB, optional depth, optional part labels, 2D keypoints.
 
 use crate::layout::KeypointLayout;
 
@@ -79,10 +79,30 @@ impl DepthImage {
     }
 }
 
+impl LabelImage {
+    /// `width * height`, or `None` on overflow.
+    pub fn expected_len(width: u32, height: u32) -> Option<usize> {
+        (width as usize).checked_mul(height as usize)
+    }
+
+    /// The label at `(x, y)`, or `None` outside the image (or for a malformed buffer).
+    pub fn at(&self, x: u32, y: u32) -> Option<u8> {
+        if x >= self.width || y >= self.height {
+            return None;
+        }
+        self.data.get(y as usize * self.width as usize + x as usize).copied()
+    }
+}
+
 impl Sample {
     /// Whether the sample carries a depth map.
     pub fn has_depth(&self) -> bool {
         self.depth.is_some()
+    }
+
+    /// Whether the sample carries body-part labels.
+    pub fn has_parts(&self) -> bool {
+        self.parts.is_some()
     }
 
     /// Number of visible joints.
@@ -105,5 +125,8 @@ mod tests {
         let depth = DepthImage { width: 2, height: 1, data: vec![0, 2500] };
         assert_eq!(depth.at(1, 0), Some(2500));
         assert_eq!(depth.at(0, 1), None);
+        let parts = LabelImage { width: 1, height: 2, data: vec![0, 14] };
+        assert_eq!(parts.at(0, 1), Some(14));
+        assert_eq!(parts.at(1, 0), None);
     }
 }

@@ -1,8 +1,10 @@
 //! WebDataset-compatible tar shards.
 //!
-//! One sample is the run of tar members sharing a key: `KEY.rgb.png` (8-bit RGB), `KEY.depth.png`
-//! (16-bit grayscale, millimetres; absent for RGB-only samples), `KEY.kp2d.json` and `KEY.meta.json`.
-//! The key is the member path up to the first dot of its file name, so keys never contain dots.
+//! One sample is the run of tar members sharing a key: `KEY.rgb.png` (8-bit RGB) or `KEY.rgb.jpg`
+//! (see [`RgbEncoding`]), `KEY.depth.png` (16-bit grayscale, millimetres; absent for RGB-only samples),
+//! `KEY.parts.png` (8-bit grayscale body-part labels, values index [`crate::PART_NAMES`]; present when
+//! the source knows them), `KEY.kp2d.json` and `KEY.meta.json`. The key is the member path up to the
+//! first dot of its file name, so keys never contain dots (Python's `webdataset` splits the same way).
 //!
 //! [`ShardWriter`] writes members with fixed metadata (mtime 0, uid/gid 0, mode 0644), so the same
 //! samples always give byte-identical shards, and hashes the file while writing it.
@@ -18,11 +20,12 @@ use std::sync::{Mutex, PoisonError};
 use sha2::{Digest, Sha256};
 
 use crate::codec::{
-    self, Ctx, DEPTH_MEMBER, KP2D_MEMBER, META_MEMBER, RGB_MEMBER, decode_depth_png, decode_kp2d, decode_meta,
-    decode_rgb_png,
+    self, Ctx, DEPTH_MEMBER, KP2D_MEMBER, META_MEMBER, PARTS_MEMBER, RGB_JPEG_MEMBER, RGB_MEMBER, decode_depth_png,
+    decode_kp2d, decode_meta, decode_parts_png, decode_rgb_jpeg, decode_rgb_png,
 };
 use crate::error::DataError;
-use crate::sample::{DepthImage, RgbImage, Sample};
+use crate::layout::MAX_PART_LABEL;
+use crate::sample::{DepthImage, LabelImage, RgbImage, Sample};
 
 /// Longest accepted sample key, in bytes.
 pub const MAX_KEY_LEN: usize = 200;
@@ -34,8 +37,21 @@ const BLOCK: u64 = 512;
 pub struct ShardSummary {
     pub samples: u64,
     pub with_depth: u64,
+    /// Samples with a `parts.png` member.
+    pub with_parts: u64,
     /// Lowercase hex SHA-256 of the whole shard file.
     pub sha256: String,
+}
+
+/// How [`ShardWriter`] stores RGB: lossless `KEY.rgb.png` (the default) or `KEY.rgb.jpg` at a quality
+/// in `1..=100` (4:4:4, no chroma subsampling). Readers accept either.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RgbEncoding {
+    #[default]
+    Png,
+    Jpeg {
+        quality: u8,
+    },
 }
 
 /// Checks a sample key: non-empty, at most [`MAX_KEY_LEN`] bytes, ASCII letters, digits, `-`, `_`
@@ -86,7 +102,9 @@ pub struct ShardWriter {
     keys: HashSet<String>,
     samples: u64,
     with_depth: u64,
+    with_parts: u64,
     source: String,
+    rgb_encoding: RgbEncoding,
 }
 
 impl std::fmt::Debug for ShardWriter {
@@ -113,8 +131,26 @@ impl ShardWriter {
             keys: HashSet::new(),
             samples: 0,
             with_depth: 0,
+            with_parts: 0,
             source: "unknown".to_string(),
+            rgb_encoding: RgbEncoding::Png,
         })
+    }
+
+    /// Sets how RGB is stored (default [`RgbEncoding::Png`]). A JPEG quality outside `1..=100` is an
+    /// error naming the shard.
+    pub fn with_rgb_encoding(mut self, encoding: RgbEncoding) -> Result<ShardWriter, DataError> {
+        if let RgbEncoding::Jpeg { quality } = encoding
+            && !(1..=100).contains(&quality)
+        {
+            return Err(DataError::WriterOption {
+                shard: self.path.clone(),
+                field: "rgb_encoding",
+                detail: format!("jpeg quality {quality} is outside 1..=100"),
+            });
+        }
+        self.rgb_encoding = encoding;
+        Ok(self)
     }
 
     /// Sets the `source` recorded in every sample's `meta.json` (default `"unknown"`).
@@ -145,20 +181,39 @@ impl ShardWriter {
             return Err(invalid(&sample.key, "key", "duplicate key in this shard"));
         }
         let key = &sample.key;
-        let rgb =
-            codec::encode_rgb_png(&sample.rgb).map_err(|e| invalid(key, "rgb", format!("png encoding failed: {e}")))?;
+        let (rgb_member, rgb) = match self.rgb_encoding {
+            RgbEncoding::Png => (
+                RGB_MEMBER,
+                codec::encode_rgb_png(&sample.rgb)
+                    .map_err(|e| invalid(key, "rgb", format!("png encoding failed: {e}")))?,
+            ),
+            RgbEncoding::Jpeg { quality } => (
+                RGB_JPEG_MEMBER,
+                codec::encode_rgb_jpeg(&sample.rgb, quality)
+                    .map_err(|e| invalid(key, "rgb", format!("jpeg encoding failed: {e}")))?,
+            ),
+        };
         let depth = match &sample.depth {
             Some(d) => Some(
                 codec::encode_depth_png(d).map_err(|e| invalid(key, "depth", format!("png encoding failed: {e}")))?,
             ),
             None => None,
         };
+        let parts = match &sample.parts {
+            Some(p) => Some(
+                codec::encode_parts_png(p).map_err(|e| invalid(key, "parts", format!("png encoding failed: {e}")))?,
+            ),
+            None => None,
+        };
         let kp2d = codec::encode_kp2d(sample.layout, &sample.joints);
         let meta = codec::encode_meta(key, depth.is_some(), &self.source);
 
-        self.append_member(key, RGB_MEMBER, &rgb)?;
+        self.append_member(key, rgb_member, &rgb)?;
         if let Some(depth) = &depth {
             self.append_member(key, DEPTH_MEMBER, depth)?;
+        }
+        if let Some(parts) = &parts {
+            self.append_member(key, PARTS_MEMBER, parts)?;
         }
         self.append_member(key, KP2D_MEMBER, &kp2d)?;
         self.append_member(key, META_MEMBER, &meta)?;
@@ -166,6 +221,7 @@ impl ShardWriter {
         self.keys.insert(key.clone());
         self.samples += 1;
         self.with_depth += u64::from(depth.is_some());
+        self.with_parts += u64::from(parts.is_some());
         Ok(())
     }
 
@@ -182,12 +238,12 @@ impl ShardWriter {
 
     /// Writes the end-of-archive marker, flushes, and returns the counts and the file's SHA-256.
     pub fn finish(self) -> Result<ShardSummary, DataError> {
-        let ShardWriter { path, builder, samples, with_depth, .. } = self;
+        let ShardWriter { path, builder, samples, with_depth, with_parts, .. } = self;
         let writer = builder.into_inner().map_err(|e| DataError::io(&path, e))?;
         let HashingWriter { inner, hasher } = writer;
         let file = inner.into_inner().map_err(|e| DataError::io(&path, e.into_error()))?;
         file.sync_all().map_err(|e| DataError::io(&path, e))?;
-        Ok(ShardSummary { samples, with_depth, sha256: hex::encode(hasher.finalize()) })
+        Ok(ShardSummary { samples, with_depth, with_parts, sha256: hex::encode(hasher.finalize()) })
     }
 }
 
@@ -214,6 +270,22 @@ fn validate_sample(s: &Sample) -> Result<(), DataError> {
             return Err(invalid(key, "depth.data", format!("{} values, expected {w}x{h}", d.data.len())));
         }
     }
+    if let Some(p) = &s.parts {
+        if (p.width, p.height) != (w, h) {
+            return Err(invalid(key, "parts", format!("parts is {}x{} but rgb is {w}x{h}", p.width, p.height)));
+        }
+        if Some(p.data.len()) != LabelImage::expected_len(w, h) {
+            return Err(invalid(key, "parts.data", format!("{} values, expected {w}x{h}", p.data.len())));
+        }
+        if let Some(i) = p.data.iter().position(|&v| v > MAX_PART_LABEL) {
+            let (x, y) = (i % w as usize, i / w as usize);
+            return Err(invalid(
+                key,
+                "parts.data",
+                format!("label {} at ({x}, {y}) is not a part (0..={MAX_PART_LABEL})", p.data[i]),
+            ));
+        }
+    }
     let expected = s.layout.num_joints();
     if s.joints.len() != expected {
         return Err(invalid(
@@ -237,11 +309,13 @@ struct Member {
     size: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct IndexEntry {
     key: String,
-    rgb: Option<Member>,
+    /// `rgb.png` or `rgb.jpg` (the suffix says which).
+    rgb: Option<(Member, &'static str)>,
     depth: Option<Member>,
+    parts: Option<Member>,
     kp2d: Option<Member>,
     meta: Option<Member>,
 }
@@ -273,8 +347,9 @@ fn split_member(name: &str) -> Option<(&str, &str)> {
 impl ShardReader {
     /// Opens a shard and indexes its members by scanning the tar headers (payloads are skipped).
     ///
-    /// Fails on a truncated or malformed tar, a sample without `rgb.png` or `kp2d.json`, or a
-    /// member that appears twice. Members with other suffixes are ignored.
+    /// Fails on a truncated or malformed tar, a sample without `rgb.png`/`rgb.jpg` or `kp2d.json`, or
+    /// a member that appears twice (`rgb.png` next to `rgb.jpg` counts as twice). Members with other
+    /// suffixes are ignored.
     pub fn open(path: impl AsRef<Path>) -> Result<ShardReader, DataError> {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|e| DataError::io(&path, e))?;
@@ -318,6 +393,16 @@ impl ShardReader {
         self.entries.iter().filter(|e| e.depth.is_some()).count()
     }
 
+    /// Whether sample `i` has a `parts.png` member (from the index, no read).
+    pub fn has_parts(&self, i: usize) -> Option<bool> {
+        self.entries.get(i).map(|e| e.parts.is_some())
+    }
+
+    /// Number of samples with a `parts.png` member (from the index, no read).
+    pub fn with_parts(&self) -> usize {
+        self.entries.iter().filter(|e| e.parts.is_some()).count()
+    }
+
     /// Reads and decodes sample `i` (only its own members).
     pub fn read(&self, i: usize) -> Result<Sample, DataError> {
         let entry = self.entries.get(i).ok_or_else(|| DataError::ShardIndex {
@@ -332,15 +417,19 @@ impl ShardReader {
             key: key.to_string(),
             member: format!("{key}.{member}"),
         };
-        let rgb_m = entry.rgb.ok_or_else(|| missing(RGB_MEMBER))?;
+        let (rgb_m, rgb_suffix) = entry.rgb.ok_or_else(|| missing(RGB_MEMBER))?;
         let kp2d_m = entry.kp2d.ok_or_else(|| missing(KP2D_MEMBER))?;
 
         // All I/O first (one lock), then decode without holding it.
-        let (rgb_b, depth_b, kp2d_b, meta_b) = {
+        let (rgb_b, depth_b, parts_b, kp2d_b, meta_b) = {
             let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
-            let rgb_b = self.read_member(&mut file, key, RGB_MEMBER, rgb_m)?;
+            let rgb_b = self.read_member(&mut file, key, rgb_suffix, rgb_m)?;
             let depth_b = match entry.depth {
                 Some(m) => Some(self.read_member(&mut file, key, DEPTH_MEMBER, m)?),
+                None => None,
+            };
+            let parts_b = match entry.parts {
+                Some(m) => Some(self.read_member(&mut file, key, PARTS_MEMBER, m)?),
                 None => None,
             };
             let kp2d_b = self.read_member(&mut file, key, KP2D_MEMBER, kp2d_m)?;
@@ -348,10 +437,11 @@ impl ShardReader {
                 Some(m) => Some(self.read_member(&mut file, key, META_MEMBER, m)?),
                 None => None,
             };
-            (rgb_b, depth_b, kp2d_b, meta_b)
+            (rgb_b, depth_b, parts_b, kp2d_b, meta_b)
         };
 
-        let rgb = decode_rgb_png(&rgb_b, ctx)?;
+        let rgb =
+            if rgb_suffix == RGB_JPEG_MEMBER { decode_rgb_jpeg(&rgb_b, ctx)? } else { decode_rgb_png(&rgb_b, ctx)? };
         let depth = depth_b.map(|b| decode_depth_png(&b, ctx)).transpose()?;
         if let Some(d) = &depth
             && (d.width, d.height) != (rgb.width, rgb.height)
@@ -363,6 +453,20 @@ impl ShardReader {
                 rgb_height: rgb.height,
                 depth_width: d.width,
                 depth_height: d.height,
+            });
+        }
+        let parts = parts_b.map(|b| decode_parts_png(&b, ctx)).transpose()?;
+        if let Some(p) = &parts
+            && (p.width, p.height) != (rgb.width, rgb.height)
+        {
+            return Err(DataError::MemberSize {
+                shard: self.path.clone(),
+                key: key.to_string(),
+                member: format!("{key}.{PARTS_MEMBER}"),
+                width: p.width,
+                height: p.height,
+                rgb_width: rgb.width,
+                rgb_height: rgb.height,
             });
         }
         let (layout, joints) = decode_kp2d(&kp2d_b, ctx)?;
@@ -382,7 +486,7 @@ impl ShardReader {
                 ));
             }
         }
-        Ok(Sample { key: key.to_string(), rgb, depth, parts: None, layout, joints })
+        Ok(Sample { key: key.to_string(), rgb, depth, parts, layout, joints })
     }
 
     fn read_member(&self, file: &mut File, key: &str, suffix: &str, m: Member) -> Result<Vec<u8>, DataError> {
@@ -464,33 +568,40 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
         let Some((key, suffix)) = split_member(&name) else {
             continue; // not a sample member (no extension)
         };
-        let slot = match suffix {
-            RGB_MEMBER | DEPTH_MEMBER | KP2D_MEMBER | META_MEMBER => suffix,
-            _ => continue, // other modalities are ignored by this reader
-        };
+        if !matches!(suffix, RGB_MEMBER | RGB_JPEG_MEMBER | DEPTH_MEMBER | PARTS_MEMBER | KP2D_MEMBER | META_MEMBER) {
+            continue; // other modalities are ignored by this reader
+        }
         let idx = match by_key.get(key) {
             Some(&i) => i,
             None => {
-                entries.push(IndexEntry { key: key.to_string(), rgb: None, depth: None, kp2d: None, meta: None });
+                entries.push(IndexEntry { key: key.to_string(), ..IndexEntry::default() });
                 by_key.insert(key.to_string(), entries.len() - 1);
                 entries.len() - 1
             }
         };
         let e = &mut entries[idx];
-        let field = match slot {
-            RGB_MEMBER => &mut e.rgb,
-            DEPTH_MEMBER => &mut e.depth,
-            KP2D_MEMBER => &mut e.kp2d,
-            _ => &mut e.meta,
+        let member = Member { offset, size };
+        let duplicate = match suffix {
+            RGB_MEMBER | RGB_JPEG_MEMBER => {
+                let kind = if suffix == RGB_MEMBER { RGB_MEMBER } else { RGB_JPEG_MEMBER };
+                e.rgb.replace((member, kind)).is_some()
+            }
+            DEPTH_MEMBER => e.depth.replace(member).is_some(),
+            PARTS_MEMBER => e.parts.replace(member).is_some(),
+            KP2D_MEMBER => e.kp2d.replace(member).is_some(),
+            _ => e.meta.replace(member).is_some(),
         };
-        if field.is_some() {
+        if duplicate {
             return Err(DataError::DuplicateMember {
                 shard: path.to_path_buf(),
                 key: key.to_string(),
-                member: name.clone(),
+                member: if suffix.starts_with("rgb.") {
+                    format!("{name} (a sample has one rgb member, rgb.png or rgb.jpg)")
+                } else {
+                    name.clone()
+                },
             });
         }
-        *field = Some(Member { offset, size });
         last_key = key.to_string();
     }
 
@@ -510,14 +621,19 @@ fn scan(path: &Path, file: &File, file_len: u64) -> Result<Vec<IndexEntry>, Data
     }
 
     for e in &entries {
-        for (member, present) in [(RGB_MEMBER, e.rgb.is_some()), (KP2D_MEMBER, e.kp2d.is_some())] {
-            if !present {
-                return Err(DataError::MissingMember {
-                    shard: path.to_path_buf(),
-                    key: e.key.clone(),
-                    member: format!("{}.{member}", e.key),
-                });
-            }
+        if e.rgb.is_none() {
+            return Err(DataError::MissingMember {
+                shard: path.to_path_buf(),
+                key: e.key.clone(),
+                member: format!("{k}.{RGB_MEMBER} or {k}.{RGB_JPEG_MEMBER}", k = e.key),
+            });
+        }
+        if e.kp2d.is_none() {
+            return Err(DataError::MissingMember {
+                shard: path.to_path_buf(),
+                key: e.key.clone(),
+                member: format!("{}.{KP2D_MEMBER}", e.key),
+            });
         }
     }
     Ok(entries)
@@ -541,11 +657,55 @@ pub fn sha256_file(path: impl AsRef<Path>) -> Result<String, DataError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fuzzing entry points (shared by `data/fuzz` and the corpus replay tests)
+
+/// Parses `bytes` as a shard (written to a temporary file, removed afterwards), then reads every
+/// sample. Returns the number of samples, or the first error; must never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_shard_bytes(bytes: &[u8]) -> Result<usize, DataError> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("hcmoco-fuzz-{}-{n}.tar", std::process::id()));
+    std::fs::write(&path, bytes).map_err(|e| DataError::io(&path, e))?;
+    let result = ShardReader::open(&path).and_then(|reader| {
+        // Read every sample, even after a failure, and report the first error.
+        let mut first_err = None;
+        for i in 0..reader.len() {
+            if let Err(e) = reader.read(i) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(reader.len()), Err)
+    });
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Runs every member decoder (`rgb.png`, `rgb.jpg`, `depth.png`, `parts.png`, `kp2d.json`,
+/// `meta.json`) over `bytes`; returns how many accepted them. Must never panic, whatever the bytes.
+#[doc(hidden)]
+pub fn fuzz_member_bytes(bytes: &[u8]) -> usize {
+    let ctx = Ctx { shard: Path::new("fuzz.tar"), key: "fuzz" };
+    [
+        decode_rgb_png(bytes, ctx).is_ok(),
+        decode_rgb_jpeg(bytes, ctx).is_ok(),
+        decode_depth_png(bytes, ctx).is_ok(),
+        decode_parts_png(bytes, ctx).is_ok(),
+        decode_kp2d(bytes, ctx).is_ok(),
+        decode_meta(bytes, ctx).is_ok(),
+    ]
+    .into_iter()
+    .filter(|&ok| ok)
+    .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layout::KeypointLayout;
     use crate::sample::Joint;
+    use proptest::prelude::*;
 
     fn sample(key: &str, with_depth: bool, seed: u8) -> Sample {
         let (w, h) = (5u32, 4u32);
@@ -559,10 +719,38 @@ mod tests {
             height: h,
             data: (0..w * h).map(|i| if i % 3 == 0 { 0 } else { 2000 + i as u16 * 17 }).collect(),
         });
+        // part labels on two of every three seeds, covering 0..=14
+        let parts = (seed % 3 != 1).then(|| LabelImage {
+            width: w,
+            height: h,
+            data: (0..w * h).map(|i| ((i + u32::from(seed)) % 15) as u8).collect(),
+        });
         let joints = (0..16)
             .map(|i| Joint { x: i as f32 * 0.25 + f32::from(seed), y: -(i as f32), visible: i % 4 != 1 })
             .collect();
-        Sample { key: key.to_string(), rgb, depth, parts: None, layout: KeypointLayout::Mpii16, joints }
+        Sample { key: key.to_string(), rgb, depth, parts, layout: KeypointLayout::Mpii16, joints }
+    }
+
+    /// A smooth image (JPEG-friendly): gradients plus a soft disc.
+    fn smooth_rgb(w: u32, h: u32, seed: u8) -> RgbImage {
+        let mut data = Vec::with_capacity((w * h * 3) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+                let d = ((fx - 0.5).powi(2) + (fy - 0.5).powi(2)).sqrt();
+                let disc = if d < 0.3 { 60.0 } else { 0.0 };
+                data.push((40.0 + 150.0 * fx + disc + f32::from(seed)).min(255.0) as u8);
+                data.push((200.0 - 120.0 * fy) as u8);
+                data.push((90.0 + 80.0 * fx * fy + disc * 0.5) as u8);
+            }
+        }
+        RgbImage { width: w, height: h, data }
+    }
+
+    fn mean_abs_error(a: &RgbImage, b: &RgbImage) -> f64 {
+        assert_eq!((a.width, a.height, a.data.len()), (b.width, b.height, b.data.len()));
+        let sum: u64 = a.data.iter().zip(&b.data).map(|(&x, &y)| u64::from(x.abs_diff(y))).sum();
+        sum as f64 / a.data.len() as f64
     }
 
     fn write(path: &Path, samples: &[Sample]) -> ShardSummary {
@@ -584,6 +772,7 @@ mod tests {
         let summary = write(&path, &samples);
         assert_eq!(summary.samples, 7);
         assert_eq!(summary.with_depth, 4);
+        assert_eq!(summary.with_parts, 5);
         assert_eq!(summary.sha256, sha256_file(&path).expect("hash"));
 
         let reader = ShardReader::open(&path).expect("open");
@@ -592,6 +781,8 @@ mod tests {
         let want: Vec<&str> = samples.iter().map(|s| s.key.as_str()).collect();
         assert_eq!(keys, want);
         assert_eq!(reader.with_depth(), 4);
+        assert_eq!(reader.with_parts(), 5);
+        assert_eq!(reader.has_parts(1), Some(false));
         // random order access
         for i in [3usize, 0, 6, 1, 5, 2, 4] {
             assert_eq!(reader.read(i).expect("read"), samples[i]);
@@ -654,6 +845,9 @@ mod tests {
         let mut m = vec![(format!("{}.rgb.png", s.key), codec::encode_rgb_png(&s.rgb).expect("png"))];
         if let Some(d) = &s.depth {
             m.push((format!("{}.depth.png", s.key), codec::encode_depth_png(d).expect("png")));
+        }
+        if let Some(p) = &s.parts {
+            m.push((format!("{}.parts.png", s.key), codec::encode_parts_png(p).expect("png")));
         }
         m.push((format!("{}.kp2d.json", s.key), codec::encode_kp2d(s.layout, &s.joints)));
         m.push((format!("{}.meta.json", s.key), codec::encode_meta(&s.key, s.depth.is_some(), "t")));
@@ -831,6 +1025,282 @@ mod tests {
     }
 
     #[test]
+    fn jpeg_round_trip_within_tolerance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("jpeg.tar");
+        let samples: Vec<Sample> = (0..4u8)
+            .map(|i| Sample { rgb: smooth_rgb(40, 32, i * 7), ..sample(&format!("j{i}"), i % 2 == 0, 0) })
+            .map(|mut s| {
+                if let Some(d) = s.depth.as_mut() {
+                    *d = DepthImage { width: 40, height: 32, data: (0..1280).map(|v| v as u16 * 3).collect() };
+                }
+                s.parts = Some(LabelImage { width: 40, height: 32, data: (0..1280).map(|v| (v % 15) as u8).collect() });
+                s
+            })
+            .collect();
+        let mut w = ShardWriter::create(&path)
+            .expect("create")
+            .with_rgb_encoding(RgbEncoding::Jpeg { quality: 95 })
+            .expect("quality 95");
+        for s in &samples {
+            w.append(s).expect("append");
+        }
+        w.finish().expect("finish");
+        let names: Vec<String> = tar::Archive::new(File::open(&path).expect("open"))
+            .entries()
+            .expect("entries")
+            .map(|e| e.expect("entry").path().expect("path").display().to_string())
+            .collect();
+        assert!(
+            names.contains(&"j0.rgb.jpg".to_string()) && !names.iter().any(|n| n.ends_with("rgb.png")),
+            "{names:?}"
+        );
+        let reader = ShardReader::open(&path).expect("open");
+        for (i, want) in samples.iter().enumerate() {
+            let got = reader.read(i).expect("read");
+            let mae = mean_abs_error(&got.rgb, &want.rgb);
+            assert!(mae < 4.0, "sample {i}: mean abs error {mae}");
+            assert_eq!(got.depth, want.depth);
+            assert_eq!(got.parts, want.parts);
+            assert_eq!(got.joints, want.joints);
+            assert_eq!(got.key, want.key);
+        }
+    }
+
+    #[test]
+    fn png_and_jpeg_samples_mix_in_one_shard() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mixed.tar");
+        let a = Sample { rgb: smooth_rgb(16, 16, 1), depth: None, parts: None, ..sample("png_one", false, 1) };
+        let b = Sample { rgb: smooth_rgb(16, 16, 2), depth: None, parts: None, ..sample("jpg_one", false, 1) };
+        let mut members = members_of(&a);
+        let mut mb = members_of(&b);
+        mb[0] = ("jpg_one.rgb.jpg".into(), codec::encode_rgb_jpeg(&b.rgb, 90).expect("jpeg"));
+        members.extend(mb);
+        raw_tar(&path, &members);
+        let reader = ShardReader::open(&path).expect("open");
+        assert_eq!(reader.read(0).expect("png"), a);
+        let got = reader.read(1).expect("jpeg");
+        assert!(mean_abs_error(&got.rgb, &b.rgb) < 5.0);
+
+        // both encodings for one key: a duplicate
+        let mut members = members_of(&a);
+        members.insert(1, ("png_one.rgb.jpg".into(), codec::encode_rgb_jpeg(&a.rgb, 90).expect("jpeg")));
+        raw_tar(&path, &members);
+        let err = ShardReader::open(&path).expect_err("two rgb members");
+        assert!(matches!(err, DataError::DuplicateMember { .. }), "{err}");
+        assert_names(&err, &path, "png_one.rgb.jpg");
+    }
+
+    #[test]
+    fn bad_parts_and_jpeg_name_shard_and_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.tar");
+        let s = sample("parts_small", false, 0);
+        let mut members = members_of(&s);
+        let i = members.iter().position(|(n, _)| n.ends_with("parts.png")).expect("parts");
+        members[i].1 = codec::encode_parts_png(&LabelImage { width: 2, height: 2, data: vec![1; 4] }).expect("png");
+        raw_tar(&path, &members);
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("wrong size");
+        assert!(matches!(err, DataError::MemberSize { width: 2, height: 2, rgb_width: 5, .. }), "{err}");
+        assert_names(&err, &path, "parts_small.parts.png");
+
+        let s = sample("parts_label", false, 0);
+        let mut members = members_of(&s);
+        let mut labels = s.parts.clone().expect("parts");
+        labels.data[7] = 15;
+        members[i].1 = codec::encode_parts_png(&labels).expect("png");
+        raw_tar(&path, &members);
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("label 15");
+        assert!(matches!(err, DataError::PartLabel { label: 15, x: 2, y: 1, .. }), "{err}");
+        assert_names(&err, &path, "parts_label");
+
+        // parts.png as 16-bit: wrong format
+        let mut members = members_of(&s);
+        members[i].1 = codec::encode_depth_png(&DepthImage { width: 5, height: 4, data: vec![1; 20] }).expect("png");
+        raw_tar(&path, &members);
+        let err = ShardReader::open(&path).expect("open").read(0).expect_err("16-bit parts");
+        assert!(matches!(err, DataError::PngFormat { .. }), "{err}");
+        assert_names(&err, &path, "parts_label");
+
+        // corrupt and truncated jpeg
+        let s = Sample { rgb: smooth_rgb(24, 24, 3), depth: None, parts: None, ..sample("bad_jpeg", false, 0) };
+        let jpeg = codec::encode_rgb_jpeg(&s.rgb, 90).expect("jpeg");
+        let mut garbled = jpeg.clone();
+        for b in &mut garbled[2..40] {
+            *b = 0xff;
+        }
+        for bytes in [garbled, jpeg[..jpeg.len() / 3].to_vec(), b"not a jpeg".to_vec()] {
+            let mut members = members_of(&s);
+            members[0] = ("bad_jpeg.rgb.jpg".into(), bytes);
+            raw_tar(&path, &members);
+            let err = ShardReader::open(&path).expect("open").read(0).expect_err("corrupt jpeg");
+            assert!(matches!(err, DataError::CorruptJpeg { .. }), "{err}");
+            assert_names(&err, &path, "bad_jpeg");
+        }
+    }
+
+    #[test]
+    fn writer_rejects_bad_parts_and_quality() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.tar");
+        for q in [0u8, 101] {
+            let err = ShardWriter::create(&path)
+                .expect("create")
+                .with_rgb_encoding(RgbEncoding::Jpeg { quality: q })
+                .expect_err("bad quality");
+            assert!(err.to_string().contains("w.tar") && err.to_string().contains("quality"), "{err}");
+        }
+        let mut w = ShardWriter::create(&path).expect("create");
+        let mut s = sample("p", false, 0);
+        if let Some(p) = s.parts.as_mut() {
+            p.data[3] = 200;
+        }
+        let err = w.append(&s).expect_err("label 200");
+        assert!(err.to_string().contains("label 200"), "{err}");
+        let mut s = sample("p", false, 0);
+        s.parts = Some(LabelImage { width: 4, height: 4, data: vec![0; 16] });
+        let err = w.append(&s).expect_err("size");
+        assert!(matches!(err, DataError::InvalidSample { ref field, .. } if field == "parts"), "{err}");
+        let mut s = sample("p", false, 0);
+        if let Some(p) = s.parts.as_mut() {
+            p.data.pop();
+        }
+        assert!(w.append(&s).is_err());
+        w.append(&sample("p", false, 0)).expect("valid");
+        assert_eq!(w.finish().expect("finish").with_parts, 1);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Fuzz corpus: `data/fuzz/corpus/{shard,member}`, replayed here so CI (stable) covers it.
+
+    fn corpus_dir(target: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
+    }
+
+    fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(corpus_dir(target))
+            .expect("corpus dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).expect("read"))
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn fuzz_corpus_replays_without_panics() {
+        let files = corpus("shard");
+        assert!(files.len() >= 8, "corpus too small: {}", files.len());
+        for (name, bytes) in &files {
+            let result = fuzz_shard_bytes(bytes);
+            if name.starts_with("valid-") {
+                assert!(matches!(result, Ok(n) if n > 0), "{name}: {result:?}");
+            } else if name.starts_with("trunc-") || name.starts_with("corrupt-") {
+                let err = result.expect_err(name);
+                // every such error names the shard file
+                assert!(err.to_string().contains("hcmoco-fuzz-"), "{name}: {err}");
+            }
+        }
+        let members = corpus("member");
+        assert!(members.len() >= 5, "member corpus too small");
+        for (name, bytes) in &members {
+            let accepted = fuzz_member_bytes(bytes);
+            if name.starts_with("valid-") {
+                assert!(accepted >= 1, "{name}: no decoder accepted it");
+            }
+        }
+    }
+
+    /// Regenerates the saved corpus: `cargo test -p hcmoco-data -- --ignored regenerate_fuzz_corpus`.
+    #[test]
+    #[ignore]
+    fn regenerate_fuzz_corpus() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shard_dir = corpus_dir("shard");
+        let member_dir = corpus_dir("member");
+        std::fs::create_dir_all(&shard_dir).expect("mkdir");
+        std::fs::create_dir_all(&member_dir).expect("mkdir");
+        let tiny = |key: &str, depth: bool, seed: u8| {
+            let mut s = sample(key, depth, seed);
+            s.joints.truncate(13);
+            s.layout = KeypointLayout::Coco13;
+            s
+        };
+        let build = |name: &str, enc: RgbEncoding, samples: &[Sample]| -> Vec<u8> {
+            let p = dir.path().join(name);
+            let mut w = ShardWriter::create(&p).expect("create").with_rgb_encoding(enc).expect("enc");
+            for s in samples {
+                w.append(s).expect("append");
+            }
+            w.finish().expect("finish");
+            std::fs::read(&p).expect("read")
+        };
+        let png2 = build("a", RgbEncoding::Png, &[tiny("a0", true, 0), tiny("a1", false, 1)]);
+        let jpg1 = build("b", RgbEncoding::Jpeg { quality: 80 }, &[tiny("b0", true, 2)]);
+        let mpii = build("c", RgbEncoding::Png, &[sample("c0", true, 3)]);
+        let mut files: Vec<(String, Vec<u8>)> = vec![
+            ("valid-png-2.tar".into(), png2.clone()),
+            ("valid-jpeg-1.tar".into(), jpg1.clone()),
+            ("valid-mpii-1.tar".into(), mpii),
+            ("trunc-half.tar".into(), png2[..png2.len() / 2].to_vec()),
+            ("trunc-no-marker.tar".into(), png2[..png2.len() - 1024].to_vec()),
+            ("trunc-in-header.tar".into(), png2[..512 * 3 + 100].to_vec()),
+            ("trunc-jpeg.tar".into(), jpg1[..jpg1.len() - 1500].to_vec()),
+        ];
+        // corrupt payloads: flip bytes inside the first member's data (the rgb image)
+        let mut c = png2.clone();
+        for b in &mut c[512 + 40..512 + 60] {
+            *b ^= 0xa5;
+        }
+        files.push(("corrupt-rgb-png.tar".into(), c));
+        let mut c = jpg1.clone();
+        for b in &mut c[512 + 2..512 + 30] {
+            *b = 0xff;
+        }
+        files.push(("corrupt-rgb-jpeg.tar".into(), c));
+        // corrupt a header checksum
+        let mut c = png2.clone();
+        c[148] ^= 0x11;
+        files.push(("corrupt-header.tar".into(), c));
+        // raw members: bad kp2d, label out of range, parts of the wrong size
+        let s = tiny("d0", false, 0);
+        let mut m = members_of(&s);
+        let kp = m.iter().position(|(n, _)| n.ends_with("kp2d.json")).expect("kp2d");
+        m[kp].1 = br#"{"layout":"coco13","joints":[[1,2,1]]}"#.to_vec();
+        let p = dir.path().join("raw");
+        raw_tar(&p, &m);
+        files.push(("corrupt-kp2d.tar".into(), std::fs::read(&p).expect("read")));
+        let mut m = members_of(&s);
+        let pi = m.iter().position(|(n, _)| n.ends_with("parts.png")).expect("parts");
+        m[pi].1 = codec::encode_parts_png(&LabelImage { width: 5, height: 4, data: vec![99; 20] }).expect("png");
+        raw_tar(&p, &m);
+        files.push(("corrupt-parts-label.tar".into(), std::fs::read(&p).expect("read")));
+        m[pi].1 = codec::encode_parts_png(&LabelImage { width: 3, height: 4, data: vec![1; 12] }).expect("png");
+        raw_tar(&p, &m);
+        files.push(("corrupt-parts-size.tar".into(), std::fs::read(&p).expect("read")));
+        files.push(("empty.tar".into(), vec![0u8; 1024]));
+        for (name, bytes) in &files {
+            std::fs::write(shard_dir.join(name), bytes).expect("write");
+        }
+
+        let s = tiny("m", true, 0);
+        let members: Vec<(&str, Vec<u8>)> = vec![
+            ("valid-rgb.png", codec::encode_rgb_png(&s.rgb).expect("png")),
+            ("valid-rgb.jpg", codec::encode_rgb_jpeg(&smooth_rgb(8, 8, 0), 75).expect("jpeg")),
+            ("valid-depth.png", codec::encode_depth_png(s.depth.as_ref().expect("depth")).expect("png")),
+            ("valid-parts.png", codec::encode_parts_png(s.parts.as_ref().expect("parts")).expect("png")),
+            ("valid-kp2d.json", codec::encode_kp2d(s.layout, &s.joints)),
+            ("valid-meta.json", codec::encode_meta("m", true, "fuzz")),
+        ];
+        for (name, bytes) in &members {
+            std::fs::write(member_dir.join(name), bytes).expect("write");
+        }
+    }
+
+    #[test]
     fn split_member_uses_first_dot_of_file_name() {
         assert_eq!(split_member("a/b/k1.rgb.png"), Some(("a/b/k1", "rgb.png")));
         assert_eq!(split_member("k.kp2d.json"), Some(("k", "kp2d.json")));
@@ -842,5 +1312,28 @@ mod tests {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<ShardReader>();
         assert_send_sync::<ShardWriter>();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// Truncating or flipping bytes of a valid shard gives an error or a read, never a panic.
+        #[test]
+        fn mutated_shards_never_panic(cut in 0.0f64..1.0, flips in proptest::collection::vec((0.0f64..1.0, 1u8..=255), 0..6)) {
+            let bytes = corpus("shard").into_iter().find(|(n, _)| n == "valid-png-2.tar").expect("corpus").1;
+            let mut b = bytes[..((bytes.len() as f64) * (0.5 + cut / 2.0)) as usize].to_vec();
+            if flips.is_empty() { b = bytes.clone(); }
+            let n = b.len();
+            for (at, x) in flips {
+                let i = ((n as f64) * at) as usize % n;
+                b[i] ^= x;
+            }
+            let _ = fuzz_shard_bytes(&b);
+        }
+
+        #[test]
+        fn member_decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            prop_assert!(fuzz_member_bytes(&bytes) <= 6);
+        }
     }
 }

@@ -1,5 +1,5 @@
-//! A deterministic synthetic multi-modal human generator: RGB, depth and 2D keypoints of a procedural
-//! articulated body, written as shards plus a manifest.
+//! A deterministic synthetic multi-modal human generator: RGB, depth, per-pixel body-part labels and
+//! 2D keypoints of a procedural articulated body, written as shards plus a manifest.
 //!
 //! Per sample (everything drawn from a ChaCha8 stream seeded by `(seed, sample index)`, so the output
 //! does not depend on `shard_size` or on threading):
@@ -8,7 +8,10 @@
 //!   views);
 //! - a pinhole camera with a random focal length, the pelvis at a random image position and a
 //!   distance of 3.0-3.4 m;
-//! - body parts as (tapered) capsules, rasterised through a z-buffer: depth = capsule axis depth
+//! - body parts as (tapered) capsules (the head a sphere, hands and feet short capsules), each owned by
+//!   one of the 14 parts of [`crate::PART_NAMES`] (the neck belongs to the head, the shoulder and hip
+//!   bars to the torso), rasterised through one z-buffer: part labels = the nearest part at each pixel
+//!   (0 = background), written for every sample; depth = capsule axis depth
 //!   minus the capsule's bulge, in millimetres, clamped to [`DEPTH_MIN_MM`, `DEPTH_MAX_MM`],
 //!   background 0; RGB = per-part colours (clothing and skin drawn per sample, each part a small hue
 //!   offset of its group) with Lambert shading from the capsule normal, over a cluttered background
@@ -16,10 +19,13 @@
 //! - keypoints: projected joint positions in pixel units (pixel `i` covers `[i, i + 1)`).
 //!   `visible` = inside the image and not occluded: the z-buffer at the joint's pixel is not closer
 //!   than the joint's own front surface (joint depth minus the radius of the parts meeting there)
-//!   by more than [`OCCLUSION_TOLERANCE_MM`]. Invisible joints keep their projected position.
+//!   by more than [`OCCLUSION_TOLERANCE_MM`], and the joint's pixel or one of its 8 neighbours is
+//!   labelled with a part adjacent to the joint ([`crate::adjacent_parts`]; otherwise another part
+//!   covers it). Invisible joints keep their projected position.
 //!   COCO-13 takes the limbs from the same skeleton and uses a nose point on the head sphere as its
 //!   head joint (so it is occluded in back views).
 //! - has-depth: drawn with probability `depth_fraction`; samples without depth lack the depth member.
+//! - RGB is stored as PNG, or as JPEG when `rgb_jpeg_quality` is set.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -29,10 +35,10 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::DataError;
-use crate::layout::KeypointLayout;
+use crate::layout::{KeypointLayout, adjacent_parts, part};
 use crate::manifest::{MANIFEST_FORMAT, Manifest, ShardEntry};
-use crate::sample::{DepthImage, Joint, RgbImage, Sample};
-use crate::shard::ShardWriter;
+use crate::sample::{DepthImage, Joint, LabelImage, RgbImage, Sample};
+use crate::shard::{RgbEncoding, ShardWriter};
 
 /// Smallest foreground depth written, in millimetres.
 pub const DEPTH_MIN_MM: u16 = 2000;
@@ -60,6 +66,8 @@ pub struct SynthConfig {
     pub layout: KeypointLayout,
     /// The manifest's `name`.
     pub name: String,
+    /// Store RGB as JPEG at this quality (1..=100); `None` (the default) stores lossless PNG.
+    pub rgb_jpeg_quality: Option<u8>,
 }
 
 impl Default for SynthConfig {
@@ -72,6 +80,7 @@ impl Default for SynthConfig {
             shard_size: 64,
             layout: KeypointLayout::Mpii16,
             name: "synthetic".to_string(),
+            rgb_jpeg_quality: None,
         }
     }
 }
@@ -98,7 +107,17 @@ impl SynthConfig {
         if self.name.trim().is_empty() {
             return Err(bad("name", "must not be empty".into()));
         }
+        if let Some(q) = self.rgb_jpeg_quality
+            && !(1..=100).contains(&q)
+        {
+            return Err(bad("rgb_jpeg_quality", format!("{q} is outside 1..=100")));
+        }
         Ok(())
+    }
+
+    /// How the shards store RGB.
+    pub fn rgb_encoding(&self) -> RgbEncoding {
+        self.rgb_jpeg_quality.map_or(RgbEncoding::Png, |quality| RgbEncoding::Jpeg { quality })
     }
 }
 
@@ -149,6 +168,7 @@ pub fn generate(cfg: &SynthConfig, out_dir: &Path) -> Result<Manifest, DataError
         modalities.push("depth".to_string());
     }
     modalities.push("kp2d".to_string());
+    modalities.push("parts".to_string()); // every synthetic sample has part labels
     let manifest = Manifest {
         format: MANIFEST_FORMAT.to_string(),
         name: cfg.name.clone(),
@@ -165,7 +185,8 @@ pub fn generate(cfg: &SynthConfig, out_dir: &Path) -> Result<Manifest, DataError
 
 fn write_shard(cfg: &SynthConfig, out_dir: &Path, k: u64) -> Result<ShardEntry, DataError> {
     let name = format!("shard-{k:05}.tar");
-    let mut writer = ShardWriter::create(out_dir.join(&name))?.with_source("synthetic");
+    let mut writer =
+        ShardWriter::create(out_dir.join(&name))?.with_source("synthetic").with_rgb_encoding(cfg.rgb_encoding())?;
     let start = k * cfg.shard_size;
     let end = (start + cfg.shard_size).min(cfg.samples);
     for index in start..end {
@@ -293,6 +314,8 @@ struct Part {
     ra: f32,
     rb: f32,
     colour: [f32; 3],
+    /// Value in [`crate::PART_NAMES`].
+    label: u8,
 }
 
 /// MPII-16 joint indices.
@@ -418,7 +441,8 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
                    b: V3,
                    ra: f32,
                    rb: f32,
-                   colour: [f32; 3]| {
+                   colour: [f32; 3],
+                   label: u8| {
         let (ra, rb) = (ra * s * thick, rb * s * thick);
         if let Some(ja) = ja {
             joint_radius[ja] = joint_radius[ja].max(ra);
@@ -426,30 +450,43 @@ fn sample_body(rng: &mut ChaCha8Rng) -> Body {
         if let Some(jb) = jb {
             joint_radius[jb] = joint_radius[jb].max(rb);
         }
-        parts.push(Part { a, b, ra, rb, colour });
+        parts.push(Part { a, b, ra, rb, colour, label });
     };
     let torso_c = jitter(shirt);
     let bar_c = jitter(shirt);
     let hips_c = jitter(pants);
-    add(&mut parts, Some(j::PELVIS), Some(j::THORAX), p[j::PELVIS], p[j::THORAX], 0.14, 0.16, torso_c);
-    add(&mut parts, Some(j::R_SHOULDER), Some(j::L_SHOULDER), p[j::R_SHOULDER], p[j::L_SHOULDER], 0.065, 0.065, bar_c);
-    add(&mut parts, Some(j::R_HIP), Some(j::L_HIP), p[j::R_HIP], p[j::L_HIP], 0.09, 0.09, hips_c);
-    add(&mut parts, Some(j::THORAX), Some(j::UPPER_NECK), p[j::THORAX], p[j::UPPER_NECK], 0.05, 0.05, skin(0.95));
-    parts.push(Part { a: head_c, b: head_c, ra: head_r, rb: head_r, colour: skin(1.0) });
-    for (hip, knee, ankle) in [(j::L_HIP, j::L_KNEE, j::L_ANKLE), (j::R_HIP, j::R_KNEE, j::R_ANKLE)] {
+    let (pelvis, thorax, neck) = (p[j::PELVIS], p[j::THORAX], p[j::UPPER_NECK]);
+    add(&mut parts, Some(j::PELVIS), Some(j::THORAX), pelvis, thorax, 0.14, 0.16, torso_c, part::TORSO);
+    let (rs, ls) = (p[j::R_SHOULDER], p[j::L_SHOULDER]);
+    add(&mut parts, Some(j::R_SHOULDER), Some(j::L_SHOULDER), rs, ls, 0.065, 0.065, bar_c, part::TORSO);
+    add(&mut parts, Some(j::R_HIP), Some(j::L_HIP), p[j::R_HIP], p[j::L_HIP], 0.09, 0.09, hips_c, part::TORSO);
+    add(&mut parts, Some(j::THORAX), Some(j::UPPER_NECK), thorax, neck, 0.05, 0.05, skin(0.95), part::HEAD);
+    parts.push(Part { a: head_c, b: head_c, ra: head_r, rb: head_r, colour: skin(1.0), label: part::HEAD });
+    for (hip, knee, ankle, labels) in [
+        (j::L_HIP, j::L_KNEE, j::L_ANKLE, [part::L_UPPER_LEG, part::L_LOWER_LEG, part::L_FOOT]),
+        (j::R_HIP, j::R_KNEE, j::R_ANKLE, [part::R_UPPER_LEG, part::R_LOWER_LEG, part::R_FOOT]),
+    ] {
         let thigh_c = jitter(pants);
         let shin_c = jitter(pants);
-        add(&mut parts, Some(hip), Some(knee), p[hip], p[knee], 0.08, 0.06, thigh_c);
-        add(&mut parts, Some(knee), Some(ankle), p[knee], p[ankle], 0.055, 0.045, shin_c);
+        add(&mut parts, Some(hip), Some(knee), p[hip], p[knee], 0.08, 0.06, thigh_c, labels[0]);
+        add(&mut parts, Some(knee), Some(ankle), p[knee], p[ankle], 0.055, 0.045, shin_c, labels[1]);
         // Foot: forward from the ankle, roughly horizontal.
         let toe = p[ankle] + v3(0.0, -0.03, -0.14) * s;
         let shoe_c = jitter(shoes);
-        add(&mut parts, Some(ankle), None, p[ankle], toe, 0.04, 0.035, shoe_c);
+        add(&mut parts, Some(ankle), None, p[ankle], toe, 0.04, 0.035, shoe_c, labels[2]);
     }
-    for (shoulder, elbow, wrist) in [(j::L_SHOULDER, j::L_ELBOW, j::L_WRIST), (j::R_SHOULDER, j::R_ELBOW, j::R_WRIST)] {
+    for (shoulder, elbow, wrist, labels) in [
+        (j::L_SHOULDER, j::L_ELBOW, j::L_WRIST, [part::L_UPPER_ARM, part::L_LOWER_ARM, part::L_HAND]),
+        (j::R_SHOULDER, j::R_ELBOW, j::R_WRIST, [part::R_UPPER_ARM, part::R_LOWER_ARM, part::R_HAND]),
+    ] {
         let arm_c = jitter(shirt);
-        add(&mut parts, Some(shoulder), Some(elbow), p[shoulder], p[elbow], 0.05, 0.042, arm_c);
-        add(&mut parts, Some(elbow), Some(wrist), p[elbow], p[wrist], 0.04, 0.032, skin(0.9));
+        add(&mut parts, Some(shoulder), Some(elbow), p[shoulder], p[elbow], 0.05, 0.042, arm_c, labels[0]);
+        add(&mut parts, Some(elbow), Some(wrist), p[elbow], p[wrist], 0.04, 0.032, skin(0.9), labels[1]);
+        // Hand: a short, slightly wider capsule continuing the forearm.
+        let dir = p[wrist] - p[elbow];
+        let len = (dir.x * dir.x + dir.y * dir.y + dir.z * dir.z).sqrt().max(1e-6);
+        let fingers = p[wrist] + dir * (0.09 * s / len);
+        add(&mut parts, Some(wrist), None, p[wrist], fingers, 0.036, 0.03, skin(1.0), labels[2]);
     }
     Body { joints: p, joint_radius, nose, parts }
 }
@@ -483,6 +520,8 @@ struct Frame {
     rgb: Vec<[f32; 3]>,
     /// Depth in metres; `f32::INFINITY` = background.
     zbuf: Vec<f32>,
+    /// Part label of the nearest part (the z-buffer's winner); 0 = background.
+    labels: Vec<u8>,
 }
 
 /// Fills the background: gradient, rectangles (some striped), limb-like distractor blobs.
@@ -577,12 +616,13 @@ fn draw_body(frame: &mut Frame, body: &Body, cam: &Camera) {
         let (ua, va, za) = cam.project(cam.to_camera(part.a));
         let (ub, vb, zb) = cam.project(cam.to_camera(part.b));
         let (pra, prb) = (cam.f * part.ra / za, cam.f * part.rb / zb);
-        let (zbuf, rgb) = (&mut frame.zbuf, &mut frame.rgb);
+        let (zbuf, rgb, labels) = (&mut frame.zbuf, &mut frame.rgb, &mut frame.labels);
         raster_capsule(frame.size, (ua, va, pra), (ub, vb, prb), |i, t, q, ox, oy| {
             let bulge = (1.0 - q * q).max(0.0).sqrt();
             let z = za + t * (zb - za) - (part.ra + t * (part.rb - part.ra)) * bulge;
             if z < zbuf[i] {
                 zbuf[i] = z;
+                labels[i] = part.label;
                 // Normal: (ox, oy) in the image plane, -bulge towards the camera.
                 let lambert = (ox * light[0] + oy * light[1] - bulge * light[2]).max(0.0);
                 let shade = 0.3 + 0.7 * lambert;
@@ -610,27 +650,45 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
     let offset = v3((u0 - cx) * z / f, -(v0 - cy) * z / f, z);
     let cam = Camera { f, cx, cy, yaw, offset };
 
-    let mut frame = Frame { size, rgb: vec![[0.0; 3]; size * size], zbuf: vec![f32::INFINITY; size * size] };
+    let mut frame = Frame {
+        size,
+        rgb: vec![[0.0; 3]; size * size],
+        zbuf: vec![f32::INFINITY; size * size],
+        labels: vec![part::BACKGROUND; size * size],
+    };
     draw_background(&mut frame, &mut rng);
     draw_body(&mut frame, &body, &cam);
 
     // Keypoints, with visibility from the z-buffer.
     let tol = OCCLUSION_TOLERANCE_MM / 1000.0;
-    let joint_at = |p: V3, radius: f32| -> Joint {
+    let joint_at = |p: V3, radius: f32, adjacent: &[u8]| -> Joint {
         let (u, v, zj) = cam.project(cam.to_camera(p));
         let inside = u >= 0.0 && v >= 0.0 && u < n && v < n;
         let visible = inside && {
-            let i = (v as usize).min(size - 1) * size + (u as usize).min(size - 1);
-            frame.zbuf[i] >= zj - radius - tol
+            let (x, y) = ((u as usize).min(size - 1), (v as usize).min(size - 1));
+            let unoccluded = frame.zbuf[y * size + x] >= zj - radius - tol;
+            let on_own_part = (y.saturating_sub(1)..=(y + 1).min(size - 1)).any(|yy| {
+                (x.saturating_sub(1)..=(x + 1).min(size - 1)).any(|xx| adjacent.contains(&frame.labels[yy * size + xx]))
+            });
+            unoccluded && on_own_part
         };
         Joint { x: u, y: v, visible }
     };
-    let joints: Vec<Joint> = match cfg.layout {
-        KeypointLayout::Mpii16 => (0..16).map(|k| joint_at(body.joints[k], body.joint_radius[k])).collect(),
+    let layout = cfg.layout;
+    let joints: Vec<Joint> = match layout {
+        KeypointLayout::Mpii16 => {
+            (0..16).map(|k| joint_at(body.joints[k], body.joint_radius[k], adjacent_parts(layout, k))).collect()
+        }
         KeypointLayout::Coco13 => COCO13_FROM_MPII
             .iter()
-            .map(|&k| {
-                if k == usize::MAX { joint_at(body.nose, 0.0) } else { joint_at(body.joints[k], body.joint_radius[k]) }
+            .enumerate()
+            .map(|(c, &k)| {
+                let adjacent = adjacent_parts(layout, c);
+                if k == usize::MAX {
+                    joint_at(body.nose, 0.0, adjacent)
+                } else {
+                    joint_at(body.joints[k], body.joint_radius[k], adjacent)
+                }
             })
             .collect(),
     };
@@ -661,7 +719,8 @@ pub fn synth_sample(cfg: &SynthConfig, index: u64) -> Sample {
             })
             .collect(),
     });
-    Sample { key: sample_key(index), rgb, depth, parts: None, layout: cfg.layout, joints }
+    let parts = Some(LabelImage { width: size as u32, height: size as u32, data: frame.labels });
+    Sample { key: sample_key(index), rgb, depth, parts, layout: cfg.layout, joints }
 }
 
 #[cfg(test)]
@@ -749,6 +808,76 @@ mod tests {
             let px = (c.image_size * c.image_size) as usize * c.samples as usize;
             assert!(fg_pixels > px / 20 && fg_pixels < px / 2, "foreground share {fg_pixels}/{px}");
         }
+    }
+
+    #[test]
+    fn part_labels_follow_the_z_buffer_and_the_keypoints() {
+        for layout in KeypointLayout::ALL {
+            let c = SynthConfig { layout, depth_fraction: 0.5, ..cfg(80, 13) };
+            let mut seen = [0usize; 15];
+            let mut checked = 0;
+            for i in 0..c.samples {
+                let s = synth_sample(&c, i);
+                let parts = s.parts.as_ref().expect("every synthetic sample has parts");
+                assert_eq!((parts.width, parts.height), (s.rgb.width, s.rgb.height));
+                for &l in &parts.data {
+                    seen[usize::from(l)] += 1;
+                }
+                if let Some(depth) = &s.depth {
+                    // one z-buffer: labelled exactly where depth is foreground
+                    for (k, (&d, &l)) in depth.data.iter().zip(&parts.data).enumerate() {
+                        assert_eq!(d > 0, l > 0, "sample {i} pixel {k}: depth {d}, label {l}");
+                    }
+                }
+                for (j, jt) in s.joints.iter().enumerate().filter(|(_, jt)| jt.visible) {
+                    let adjacent = crate::layout::adjacent_parts(layout, j);
+                    let (x, y) = (jt.x.floor() as i64, jt.y.floor() as i64);
+                    let near = (y - 1..=y + 1).any(|yy| {
+                        (x - 1..=x + 1).any(|xx| {
+                            u32::try_from(xx)
+                                .ok()
+                                .zip(u32::try_from(yy).ok())
+                                .and_then(|(xx, yy)| parts.at(xx, yy))
+                                .is_some_and(|l| adjacent.contains(&l))
+                        })
+                    });
+                    assert!(
+                        near,
+                        "{layout} sample {i} joint {} at ({}, {}) is not within 1 px of {adjacent:?}",
+                        layout.joint_names()[j],
+                        jt.x,
+                        jt.y
+                    );
+                    checked += 1;
+                }
+            }
+            assert!(checked > 200, "{layout}: only {checked} visible joints checked");
+            // every one of the 14 parts appears, and the background
+            assert!(seen.iter().all(|&n| n > 0), "{layout}: label histogram {seen:?}");
+        }
+    }
+
+    #[test]
+    fn jpeg_rgb_dataset_reads_back_within_tolerance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = SynthConfig { rgb_jpeg_quality: Some(95), depth_fraction: 0.5, ..cfg(20, 4) };
+        let m = generate(&c, dir.path()).expect("generate");
+        assert!(m.modalities.contains(&"parts".to_string()), "{:?}", m.modalities);
+        let ds = Dataset::open(dir.path().join("manifest.json")).expect("open");
+        ds.verify().expect("verify");
+        for g in 0..c.samples {
+            let (got, want) = (ds.get(g).expect("get"), synth_sample(&c, g));
+            assert_eq!(
+                (&got.key, &got.depth, &got.parts, &got.joints),
+                (&want.key, &want.depth, &want.parts, &want.joints)
+            );
+            let sum: u64 = got.rgb.data.iter().zip(&want.rgb.data).map(|(&a, &b)| u64::from(a.abs_diff(b))).sum();
+            let mae = sum as f64 / want.rgb.data.len() as f64;
+            // noisy, cluttered synthetic images: looser than the smooth-image codec tests
+            assert!(mae < 6.0, "sample {g}: mean abs error {mae}");
+        }
+        let err = generate(&SynthConfig { rgb_jpeg_quality: Some(0), ..c }, dir.path()).expect_err("quality 0");
+        assert!(err.to_string().contains("rgb_jpeg_quality"), "{err}");
     }
 
     #[test]

@@ -254,3 +254,45 @@ fn bench_grads(comm: &mut dyn Communicator, spec: &BenchSpec, kind: Kind) -> any
     }
     Ok(())
 }
+
+/// `bench loader`: decode + augment `samples` samples of a dataset with the loader pool (`threads`),
+/// submitted in steps of `batch`, the way training consumes them. Prints `samples=... secs=...
+/// samples_per_s=...`.
+pub fn run_loader(
+    manifest: &std::path::Path,
+    threads: usize,
+    samples: u64,
+    batch: u64,
+    image_size: u32,
+) -> anyhow::Result<()> {
+    use crate::loader::{Loader, Request};
+    let dataset = hcmoco_data::Dataset::open(manifest)?;
+    let n = dataset.len();
+    let augment =
+        (image_size > 0).then(|| hcmoco_data::augment::AugmentConfig { size: image_size, ..Default::default() });
+    let mut loader = Loader::new(std::sync::Arc::new(vec![dataset]), augment, 0, threads);
+    let steps = samples.div_ceil(batch.max(1));
+    let requests = |step: u64| -> Vec<Request> {
+        (0..batch)
+            .map(|p| {
+                let slot = step * batch + p;
+                Request { step, position: p as usize, dataset: 0, index: slot % n, epoch: slot / n, slot }
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    loader.submit(0, requests(0))?;
+    let mut loaded = 0u64;
+    for step in 0..steps {
+        if step + 1 < steps {
+            loader.submit(step + 1, requests(step + 1))?;
+        }
+        for s in loader.take(step)? {
+            s?;
+            loaded += 1;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("samples={loaded} secs={secs:.3} samples_per_s={:.1}", loaded as f64 / secs);
+    Ok(())
+}

@@ -110,6 +110,20 @@ enum BenchCmd {
     Allreduce(BenchArgs),
     /// Reducing the default model's gradients: fused buckets (--bucket-mb) against per tensor (0).
     Grads(BenchArgs),
+    /// Sample loading: decode + augment with the loader pool (compare: scripts/bench_loader.py).
+    Loader {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(long, default_value_t = 2048)]
+        samples: u64,
+        #[arg(long, default_value_t = 32)]
+        batch: u64,
+        /// Crop size (0: decode only, no augmentation).
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+    },
     /// One rank of a benchmark (spawned by the two above).
     #[command(hide = true)]
     Rank {
@@ -141,6 +155,9 @@ enum DataCmd {
         /// Share of samples that have depth.
         #[arg(long, default_value_t = 0.5)]
         depth_fraction: f32,
+        /// Store RGB as JPEG of this quality (default: PNG).
+        #[arg(long)]
+        jpeg_quality: Option<u8>,
     },
 }
 
@@ -186,13 +203,22 @@ fn main() {
         Cmd::Bench { command } => match command {
             BenchCmd::Allreduce(a) => a.spec("allreduce").and_then(|s| hcmoco_worker::bench::run_parent(&s)),
             BenchCmd::Grads(a) => a.spec("grads").and_then(|s| hcmoco_worker::bench::run_parent(&s)),
+            BenchCmd::Loader { manifest, threads, samples, batch, image_size } => {
+                hcmoco_worker::bench::run_loader(&manifest, threads, samples, batch, image_size)
+            }
             BenchCmd::Rank { rank, op, args } => args.spec(&op).and_then(|s| hcmoco_worker::bench::run_rank(&s, rank)),
         },
         Cmd::Data { command: DataCmd::Inspect { manifest } } => inspect(&manifest),
         Cmd::Data { command: DataCmd::Verify { manifest } } => verify(&manifest),
-        Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction } } => {
-            let cfg =
-                hcmoco_data::SynthConfig { samples, image_size: size, seed, depth_fraction, ..Default::default() };
+        Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction, jpeg_quality } } => {
+            let cfg = hcmoco_data::SynthConfig {
+                samples,
+                image_size: size,
+                seed,
+                depth_fraction,
+                rgb_jpeg_quality: jpeg_quality,
+                ..Default::default()
+            };
             hcmoco_data::generate(&cfg, &out)
                 .map(|m| println!("wrote {} samples in {} shards to {}", m.samples, m.shards.len(), out.display()))
                 .map_err(anyhow::Error::from)

@@ -144,10 +144,10 @@ impl Trainer {
         )
         .map_err(|e| StepError::Tensor(format!("reading the gathered ranks: {e}")))?;
         let offset = ranks.iter().filter(|&&r| (r as usize) < self.comm.rank()).count();
-        if let Some((want_offset, want_rows)) = expected {
-            if rows != want_rows as i64 || offset != want_offset {
-                return Err(StepError::RowMismatch { got: rows, want: want_rows as i64 });
-            }
+        if let Some((want_offset, want_rows)) = expected
+            && (rows != want_rows as i64 || offset != want_offset)
+        {
+            return Err(StepError::RowMismatch { got: rows, want: want_rows as i64 });
         }
         let leaves: [Tensor; 3] =
             std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
