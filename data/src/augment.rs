@@ -306,6 +306,35 @@ mod tests {
         }
     }
 
+    /// On synthetic humans: after augmentation every visible keypoint still lies on (within 1 px of) a
+    /// pixel labelled with one of the parts adjacent to that joint (labels resampled nearest).
+    #[test]
+    fn visible_keypoints_stay_on_their_parts_after_augmentation() {
+        for layout in [KeypointLayout::Mpii16, KeypointLayout::Coco13] {
+            let synth = crate::synth::SynthConfig { image_size: 96, layout, ..Default::default() };
+            let cfg = AugmentConfig { size: 64, scale_min: 0.3, ..Default::default() };
+            let mut checked = 0;
+            for index in 0..40u64 {
+                let s = crate::synth::synth_sample(&synth, index);
+                let a = augment(&s, &cfg, 11, 0, index);
+                let parts = a.parts.as_ref().expect("synthetic samples carry part labels");
+                for (j, joint) in a.joints.iter().enumerate().filter(|(_, j)| j.visible) {
+                    let adjacent = crate::layout::adjacent_parts(layout, j);
+                    let (px, py) = (joint.x.floor() as i64, joint.y.floor() as i64);
+                    let near = (-1..=1i64).any(|dy| {
+                        (-1..=1i64).any(|dx| {
+                            let (x, y) = (px + dx, py + dy);
+                            x >= 0 && y >= 0 && x < 64 && y < 64 && adjacent.contains(&parts.data[(y * 64 + x) as usize])
+                        })
+                    });
+                    assert!(near, "{layout} sample {index} joint {j} at ({px}, {py}) is not on one of the parts {adjacent:?}");
+                    checked += 1;
+                }
+            }
+            assert!(checked > 200, "{layout}: only {checked} visible joints checked");
+        }
+    }
+
     #[test]
     fn rgb_only_samples_get_rotation_and_depth_samples_do_not() {
         let cfg = AugmentConfig { size: 32, ..Default::default() };
