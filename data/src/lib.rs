@@ -34,4 +34,4 @@ pub use layout::*;
 pub use manifest::{Dataset, Manifest, ShardEntry};
 pub use sample::*;
 pub use shard::{RgbEncoding, ShardReader, ShardSummary, ShardWriter};
-pub use synth::{SynthConfig, generate};
+pub use synth::{SynthConfig, generate, generate_with_progress};

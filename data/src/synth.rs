@@ -130,7 +130,18 @@ pub fn sample_key(index: u64) -> String {
 /// `manifest.json` (so an interrupted run leaves no manifest). Shards are written in parallel over
 /// the available cores; the bytes do not depend on the thread count.
 pub fn generate(cfg: &SynthConfig, out_dir: &Path) -> Result<Manifest, DataError> {
+    generate_with_progress(cfg, out_dir, &|_, _| {})
+}
+
+/// [`generate`], calling `progress(samples_written, samples_total)` after every finished shard (from
+/// the generating threads).
+pub fn generate_with_progress(
+    cfg: &SynthConfig,
+    out_dir: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<Manifest, DataError> {
     cfg.validate()?;
+    let written = AtomicU64::new(0);
     std::fs::create_dir_all(out_dir).map_err(|e| DataError::io(out_dir, e))?;
     let n_shards = cfg.samples.div_ceil(cfg.shard_size);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u64).clamp(1, n_shards);
@@ -147,8 +158,9 @@ pub fn generate(cfg: &SynthConfig, out_dir: &Path) -> Result<Manifest, DataError
                         break;
                     }
                     let r = write_shard(cfg, out_dir, k);
-                    if r.is_err() {
-                        failed.store(true, Ordering::Relaxed);
+                    match &r {
+                        Ok(entry) => progress(written.fetch_add(entry.samples, Ordering::Relaxed) + entry.samples, cfg.samples),
+                        Err(_) => failed.store(true, Ordering::Relaxed),
                     }
                     results.lock().unwrap_or_else(|p| p.into_inner()).push((k, r));
                 }

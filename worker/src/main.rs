@@ -219,8 +219,29 @@ fn main() {
                 rgb_jpeg_quality: jpeg_quality,
                 ..Default::default()
             };
-            hcmoco_data::generate(&cfg, &out)
-                .map(|m| println!("wrote {} samples in {} shards to {}", m.samples, m.shards.len(), out.display()))
+            // Progress on stderr (one line, redrawn on a terminal), throughput at the end.
+            let started = std::time::Instant::now();
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let progress = |done: u64, total: u64| {
+                if tty {
+                    eprint!("\r  {done}/{total} samples ({:.0}%)", 100.0 * done as f64 / total.max(1) as f64);
+                }
+            };
+            hcmoco_data::generate_with_progress(&cfg, &out, &progress)
+                .map(|m| {
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    if tty {
+                        eprintln!();
+                    }
+                    println!(
+                        "wrote {} samples in {} shards to {} in {secs:.2}s ({:.0} samples/s, {} threads)",
+                        m.samples,
+                        m.shards.len(),
+                        out.display(),
+                        m.samples as f64 / secs,
+                        std::thread::available_parallelism().map_or(1, |n| n.get())
+                    )
+                })
                 .map_err(anyhow::Error::from)
         }
     };
