@@ -324,10 +324,17 @@ mod tests {
                     let near = (-1..=1i64).any(|dy| {
                         (-1..=1i64).any(|dx| {
                             let (x, y) = (px + dx, py + dy);
-                            x >= 0 && y >= 0 && x < 64 && y < 64 && adjacent.contains(&parts.data[(y * 64 + x) as usize])
+                            x >= 0
+                                && y >= 0
+                                && x < 64
+                                && y < 64
+                                && adjacent.contains(&parts.data[(y * 64 + x) as usize])
                         })
                     });
-                    assert!(near, "{layout} sample {index} joint {j} at ({px}, {py}) is not on one of the parts {adjacent:?}");
+                    assert!(
+                        near,
+                        "{layout} sample {index} joint {j} at ({px}, {py}) is not on one of the parts {adjacent:?}"
+                    );
                     checked += 1;
                 }
             }

@@ -18,10 +18,13 @@
 //! - [`synth`]: the deterministic procedural generator ([`SynthConfig`], [`generate`]).
 //! - [`augment`]: augmentation consistent across modalities (one similarity transform per sample,
 //!   seeded by (seed, epoch, slot)).
+//! - [`convert`]: converters from real formats (COCO, MPII, NTU RGB+D) into shards + manifest:
+//!   person-centred crops, layout mapping, RGB-to-depth registration ([`convert::convert_coco`], ...).
 //! - [`error`]: [`DataError`]; every variant names the file, the sample key and the field at fault.
 
 pub mod augment;
 mod codec;
+pub mod convert;
 pub mod error;
 pub mod layout;
 pub mod manifest;

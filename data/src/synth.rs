@@ -159,7 +159,9 @@ pub fn generate_with_progress(
                     }
                     let r = write_shard(cfg, out_dir, k);
                     match &r {
-                        Ok(entry) => progress(written.fetch_add(entry.samples, Ordering::Relaxed) + entry.samples, cfg.samples),
+                        Ok(entry) => {
+                            progress(written.fetch_add(entry.samples, Ordering::Relaxed) + entry.samples, cfg.samples)
+                        }
                         Err(_) => failed.store(true, Ordering::Relaxed),
                     }
                     results.lock().unwrap_or_else(|p| p.into_inner()).push((k, r));

@@ -61,8 +61,9 @@ impl CommError {
     /// The rank suspected to have failed: the neighbour on whose connection the failure was observed
     /// (`Peer`, `Protocol`, `Handshake`), or for `Reported` the rank the reporter suspects (the
     /// reporter itself when it failed on its own). A rank that fails tells the others before closing
-    /// its connections, so they name the original suspect; where the notice could not be sent (a
-    /// half-written record) a neighbour may name the rank that closed on it instead. `Mismatch` names
+    /// its connections (completing a half-written record first), so they name the original suspect;
+    /// only where the notice cannot be delivered (a stream that stays full for 300 ms, or one that is
+    /// itself broken) may a neighbour name the rank that closed on it instead. `Mismatch` names
     /// a rank whose tensor differs, which is a caller bug rather than a failed peer: it is not reported
     /// here, nor is an abort.
     pub fn peer_rank(&self) -> Option<usize> {

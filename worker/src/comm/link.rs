@@ -48,6 +48,8 @@ impl Peer {
 pub(super) struct TcpTx {
     /// Bytes of the current record (header, then data) already written.
     written: usize,
+    /// Length of the current record (header + data) while one is half written.
+    total: usize,
     small: Vec<u8>,
 }
 
@@ -56,6 +58,7 @@ impl TcpTx {
     /// same record again until then.
     pub fn try_send(&mut self, mut stream: &TcpStream, header: &RecordHeader, data: &[u8]) -> io::Result<bool> {
         let total = RECORD_LEN + data.len();
+        self.total = total;
         while self.written < total {
             let result = if data.len() <= SMALL_RECORD {
                 if self.written == 0 {
@@ -81,9 +84,17 @@ impl TcpTx {
         Ok(true)
     }
 
-    /// Whether no record is half written (an abort notice may then be sent on the stream).
-    pub fn at_boundary(&self) -> bool {
-        self.written == 0
+    /// Completes a half-written record with zero bytes (best effort), so that an abort notice can
+    /// follow on the stream. The receiver takes the padding as data of a collective that is failing
+    /// anyway, then reads the notice.
+    pub fn pad_to_boundary(&mut self, stream: &TcpStream) -> bool {
+        if self.written == 0 {
+            return true;
+        }
+        let padding = vec![0u8; self.total.saturating_sub(self.written)];
+        let ok = send_best_effort(stream, &padding);
+        self.written = 0;
+        ok
     }
 }
 
@@ -211,8 +222,8 @@ impl Links {
     pub fn fail(&mut self, notice: &AbortNotice) {
         let record = notice.encode_record();
         send_best_effort(&self.left.stream, &record);
-        let forward_ok = match &self.tx {
-            Tx::Tcp(tcp) => tcp.at_boundary(),
+        let forward_ok = match &mut self.tx {
+            Tx::Tcp(tcp) => tcp.pad_to_boundary(&self.right.stream),
             Tx::Shm(_) => true,
         };
         if forward_ok {
@@ -235,16 +246,26 @@ impl Links {
 }
 
 /// Writes a short record if the stream takes it without blocking (the sockets are non-blocking).
-fn send_best_effort(mut stream: &TcpStream, record: &[u8]) {
+/// How long a failing rank keeps trying to get its abort notice onto a full (non-blocking) stream: the
+/// neighbour is normally inside the same collective and draining it.
+const NOTICE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Writes all of `bytes` unless the stream fails or stays full for [`NOTICE_PATIENCE`]; whether it did.
+fn send_best_effort(mut stream: &TcpStream, bytes: &[u8]) -> bool {
+    let deadline = std::time::Instant::now() + NOTICE_PATIENCE;
     let mut written = 0;
-    while written < record.len() {
-        match stream.write(&record[written..]) {
-            Ok(0) => return,
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]) {
+            Ok(0) => return false,
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            Err(_) => return false,
         }
     }
+    true
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
