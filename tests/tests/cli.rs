@@ -232,3 +232,58 @@ fn data_inspect_and_verify() {
     assert!(!out.status.success());
     assert!(err.contains("shard-00001.tar"), "the error names the shard: {err}");
 }
+
+/// `data convert coco` on a tiny COCO fixture: the valid person becomes a sample, a crowd annotation
+/// is skipped and counted, and the output trains-ready dataset verifies.
+#[test]
+fn data_convert_coco_from_the_command_line() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(&images).expect("mkdir");
+    let (w, h) = (80u32, 60u32);
+    let file = std::fs::File::create(images.join("a.png")).expect("png");
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().expect("header");
+    writer.write_image_data(&vec![120u8; (w * h * 3) as usize]).expect("pixels");
+    writer.finish().expect("finish");
+    // 17 COCO keypoints: a person in the middle, all labelled.
+    let kps: Vec<String> = (0..17).map(|i| format!("{}, {}, 2", 30 + i, 15 + 2 * i)).collect();
+    let kps = kps.join(", ");
+    let annotations = format!(
+        r#"{{"images": [{{"id": 1, "file_name": "a.png", "width": {w}, "height": {h}}}],
+            "annotations": [
+              {{"id": 10, "image_id": 1, "category_id": 1, "bbox": [25, 10, 30, 40], "iscrowd": 0, "num_keypoints": 17, "keypoints": [{kps}]}},
+              {{"id": 11, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "iscrowd": 1, "num_keypoints": 17, "keypoints": [{kps}]}}
+            ],
+            "categories": [{{"id": 1, "name": "person"}}]}}"#
+    );
+    let ann = tmp.path().join("person_keypoints.json");
+    std::fs::write(&ann, annotations).expect("annotations");
+    let out_dir = tmp.path().join("coco-shards");
+    let out = Command::new(bin("hcmoco-worker"))
+        .args(["data", "convert", "coco", "--annotations"])
+        .arg(&ann)
+        .arg("--images")
+        .arg(&images)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("convert");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("wrote 1 samples") && text.contains("skipped 1: crowd"), "{text}");
+    let verify = Command::new(bin("hcmoco-worker"))
+        .args(["data", "verify"])
+        .arg(out_dir.join("manifest.json"))
+        .output()
+        .expect("verify");
+    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    let inspect = Command::new(bin("hcmoco-worker"))
+        .args(["data", "inspect"])
+        .arg(out_dir.join("manifest.json"))
+        .output()
+        .expect("inspect");
+    assert!(String::from_utf8_lossy(&inspect.stdout).contains("coco13"));
+}

@@ -137,11 +137,50 @@ enum BenchCmd {
 }
 
 #[derive(Subcommand)]
+enum ConvertSource {
+    /// COCO person keypoints (annotation JSON + images) -> RGB + keypoints, COCO-13.
+    Coco {
+        #[arg(long)]
+        annotations: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+    },
+    /// MPII (the HRNet JSON form of the annotations + images) -> RGB + keypoints, MPII-16.
+    Mpii {
+        #[arg(long)]
+        annotations: PathBuf,
+        #[arg(long)]
+        images: PathBuf,
+    },
+    /// NTU RGB+D style (rgb/, depth/, skeleton/ under ROOT) -> RGB + depth + keypoints.
+    Ntu {
+        #[arg(long)]
+        root: PathBuf,
+        /// mpii16 or coco13.
+        #[arg(long, default_value = "mpii16")]
+        layout: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum DataCmd {
     /// Print a dataset's counts, modalities, layout and shards.
     Inspect { manifest: PathBuf },
     /// Check every shard's checksum and that every sample decodes.
     Verify { manifest: PathBuf },
+    /// Convert a real dataset into shards + manifest (person-centred crops).
+    Convert {
+        #[command(subcommand)]
+        source: ConvertSource,
+        /// Output directory (shards and manifest.json).
+        #[arg(long, global = true)]
+        out: Option<PathBuf>,
+        /// Crops are resized so their longer side is at most this (0: keep).
+        #[arg(long, global = true, default_value_t = 320)]
+        max_side: u32,
+        #[arg(long, global = true, default_value_t = 256)]
+        shard_size: u64,
+    },
     /// Generate synthetic multi-modal humans (RGB, depth for a share of them, 2D keypoints).
     Synth {
         #[arg(long)]
@@ -210,6 +249,9 @@ fn main() {
         },
         Cmd::Data { command: DataCmd::Inspect { manifest } } => inspect(&manifest),
         Cmd::Data { command: DataCmd::Verify { manifest } } => verify(&manifest),
+        Cmd::Data { command: DataCmd::Convert { source, out, max_side, shard_size } } => {
+            convert(source, out, max_side, shard_size)
+        }
         Cmd::Data { command: DataCmd::Synth { out, samples, size, seed, depth_fraction, jpeg_quality } } => {
             let cfg = hcmoco_data::SynthConfig {
                 samples,
@@ -285,5 +327,25 @@ fn verify(path: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     println!("ok: {} shards match their checksums, {n} samples decode", d.manifest().shards.len());
+    Ok(())
+}
+
+fn convert(source: ConvertSource, out: Option<PathBuf>, max_side: u32, shard_size: u64) -> anyhow::Result<()> {
+    use hcmoco_data::convert::{ConvertOptions, convert_coco, convert_mpii, convert_ntu};
+    let out = out.ok_or_else(|| anyhow::anyhow!("--out DIR is required"))?;
+    let name = |n: &str| ConvertOptions { name: n.into(), max_side, shard_size, ..ConvertOptions::default() };
+    let report = match source {
+        ConvertSource::Coco { annotations, images } => convert_coco(&annotations, &images, &out, &name("coco"))?,
+        ConvertSource::Mpii { annotations, images } => convert_mpii(&annotations, &images, &out, &name("mpii"))?,
+        ConvertSource::Ntu { root, layout } => {
+            let layout: hcmoco_data::KeypointLayout =
+                layout.parse().map_err(|e| anyhow::anyhow!("--layout {layout:?}: {e}"))?;
+            convert_ntu(&root, &out, layout, &name("ntu"))?
+        }
+    };
+    println!("wrote {} samples ({} with depth) to {}", report.samples, report.with_depth, out.display());
+    for (reason, count) in &report.skipped {
+        println!("  skipped {count}: {reason}");
+    }
     Ok(())
 }
