@@ -553,7 +553,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 std::path::Path::new(&cfg.checkpoint.dir),
                 &meta,
                 &trainer.model.state_on_cpu(),
-                &trainer.opt.state(),
+                &trainer.opt.state().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu))).collect::<Vec<_>>(),
                 &ctx.job_toml,
             )
             .with_context(|| format!("step {done_steps}: checkpoint"))?;
