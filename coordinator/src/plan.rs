@@ -17,6 +17,8 @@
 
 use std::ops::Range;
 
+use hcmoco_data::augment::mix;
+
 /// A sample of the job: dataset index in the job's list, sample index within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleRef {
@@ -160,14 +162,6 @@ impl DataPlan {
         let key = self.seed ^ mix(0x0da7_a5e7 + d as u64);
         SampleRef { dataset: d as u32, index: permute(r, n, key, mix(epoch) ^ pass) }
     }
-}
-
-fn mix(mut x: u64) -> u64 {
-    // splitmix64 finaliser
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// A bijection of `[0, n)` keyed by `(seed, epoch)`: a balanced Feistel network over the smallest

@@ -85,7 +85,9 @@ impl Transform {
     }
 }
 
-fn mix(mut x: u64) -> u64 {
+/// The splitmix64 finaliser: a cheap, well-mixed bijection of `u64`, used to derive seeds from
+/// (seed, epoch, slot) here and by the coordinator's data plan.
+pub fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
