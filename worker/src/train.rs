@@ -139,10 +139,13 @@ impl Trainer {
         );
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
-        let ranks = Vec::<f64>::try_from(
-            &gathered.narrow(1, 3 * dim + 2, 1).reshape([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu),
+        // The trailing columns (has depth, has keypoints, rank) in one copy to the host.
+        let meta = Vec::<f64>::try_from(
+            &gathered.narrow(1, 3 * dim, 3).reshape([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu),
         )
-        .map_err(|e| StepError::Tensor(format!("reading the gathered ranks: {e}")))?;
+        .map_err(|e| StepError::Tensor(format!("reading the gathered masks and ranks: {e}")))?;
+        let column = |c: usize| meta.iter().skip(c).step_by(3).copied();
+        let ranks: Vec<f64> = column(2).collect();
         let offset = ranks.iter().filter(|&&r| (r as usize) < self.comm.rank()).count();
         if let Some((want_offset, want_rows)) = expected
             && (rows != want_rows as i64 || offset != want_offset)
@@ -151,14 +154,8 @@ impl Trainer {
         }
         let leaves: [Tensor; 3] =
             std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
-        let col = |c: i64| -> Result<Vec<bool>, StepError> {
-            let v = Vec::<f64>::try_from(
-                &gathered.narrow(1, c, 1).reshape([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu),
-            )
-            .map_err(|e| StepError::Tensor(format!("reading the gathered modality masks: {e}")))?;
-            Ok(v.iter().map(|&x| x > 0.5).collect())
-        };
-        let has = [vec![true; rows as usize], col(3 * dim)?, col(3 * dim + 1)?];
+        let has =
+            [vec![true; rows as usize], column(0).map(|x| x > 0.5).collect(), column(1).map(|x| x > 0.5).collect()];
 
         // 3. This rank's share; gradient with respect to every gathered row.
         let share = loss::sample_level_share(&leaves, &has, offset..offset + batch.len(), self.temperature);
