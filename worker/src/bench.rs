@@ -164,11 +164,8 @@ pub fn run_rank(spec: &BenchSpec, rank: usize) -> anyhow::Result<()> {
         "cpu" => {
             let peers: Vec<PeerInfo> =
                 peers.iter().map(|a| PeerInfo { addr: a.clone(), host_id: "localhost".into() }).collect();
-            let opts = CpuOptions {
-                transport: crate::run::parse_transport(&spec.transport)?,
-                timeout: spec.timeout,
-                ..CpuOptions::default()
-            };
+            let opts =
+                CpuOptions { transport: spec.transport.parse()?, timeout: spec.timeout, ..CpuOptions::default() };
             Box::new(connect_cpu_with(listener, rank, &peers, 1, &opts)?)
         }
         other => bail!("--backend {other:?}: this build benchmarks \"cpu\" (nccl: see hcmoco-worker nccl-check)"),

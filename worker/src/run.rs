@@ -23,7 +23,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::batch;
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, Transport, connect_cpu_with};
+use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, connect_cpu_with};
 use crate::loader::{Loader, Request};
 use crate::model::Model;
 use crate::train::{Trainer, term_names};
@@ -45,16 +45,6 @@ pub struct RunOptions {
     pub dump_state: Option<PathBuf>,
     /// `cpu` or `cuda:N`; default: `cpu` for the cpu backend, `cuda:<local rank>` for nccl.
     pub device: Option<String>,
-}
-
-/// Parses `collective.transport`.
-pub fn parse_transport(text: &str) -> anyhow::Result<Transport> {
-    Ok(match text {
-        "auto" => Transport::Auto,
-        "tcp" => Transport::Tcp,
-        "shm" => Transport::Shm,
-        other => bail!("transport {other:?}: expected auto, tcp or shm"),
-    })
 }
 
 /// Parses `cpu` / `cuda:N`.
@@ -435,8 +425,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 .iter()
                 .map(|p| PeerInfo { addr: p.collective_addr.clone(), host_id: p.host_id.clone() })
                 .collect();
-            let opts =
-                CpuOptions { transport: parse_transport(&cfg.collective.transport)?, timeout, ..CpuOptions::default() };
+            let opts = CpuOptions { transport: cfg.collective.transport.parse()?, timeout, ..CpuOptions::default() };
             Box::new(
                 connect_cpu_with(listener, rank as usize, &peers, generation, &opts)
                     .context("cannot form the collective ring")?,
