@@ -8,7 +8,8 @@
 # the build machine's venv, so the loader is pointed at this machine's torch/lib and
 # site-packages/nvidia/*/lib. Runs `hcmoco-worker nccl-check` (world size 1: NCCL refuses two ranks on
 # one GPU, so multi-rank failure cannot be exercised here) and, if $HCMOCO_WORKER_TESTS names a carried
-# test binary of hcmoco-worker, its comm::nccl tests. Output goes to stdout and, when $OUT is set, to
+# test binary of hcmoco-worker, its comm::nccl tests; if $HCMOCO_BIN names a carried `hcmoco`, a few
+# training steps on CUDA with the NCCL backend (scripts/gpu-check-job.toml). Output goes to stdout and, when $OUT is set, to
 # $OUT/gpu-check.txt. Exit status: nccl-check's (124 when it timed out).
 set -uo pipefail
 
@@ -46,6 +47,15 @@ check() {
   timeout -k 10 300 "$bin" nccl-check
   rc=$?
   echo "== nccl-check exit status $rc"
+  if [ -x "${HCMOCO_BIN:-}" ]; then
+    echo "== training on CUDA with the NCCL backend: hcmoco launch --local --workers 1 (scripts/gpu-check-job.toml)"
+    local out="${OUT:-/tmp}/gpu-train"
+    rm -rf "$out"
+    HCMOCO_LOG=info timeout -k 10 240 "$HCMOCO_BIN" launch --local --workers 1 \
+      --job-file scripts/gpu-check-job.toml --worker-bin "$bin" --out "$out"
+    echo "== training exit status $?"
+    tail -n 40 "$out"/logs/*.log 2>/dev/null || ls -R "$out" | head -40
+  fi
   if [ -n "${HCMOCO_WORKER_TESTS:-}" ]; then
     echo "== $HCMOCO_WORKER_TESTS comm::nccl"
     timeout -k 10 120 "$HCMOCO_WORKER_TESTS" comm::nccl

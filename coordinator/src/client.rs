@@ -22,8 +22,15 @@ pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
 /// Reads and validates a job file, resolving relative dataset and checkpoint paths against the file's
 /// directory (so the coordinator and workers see absolute paths).
 pub fn load_job_file(path: &Path) -> anyhow::Result<JobConfig> {
+    let cfg = read_job_file(path)?;
+    cfg.validate().with_context(|| format!("job file {}", path.display()))?;
+    Ok(cfg)
+}
+
+/// [`load_job_file`] without validation, for `launch`, which may still fill in the datasets.
+pub fn read_job_file(path: &Path) -> anyhow::Result<JobConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
-    let mut cfg = JobConfig::from_toml(&text).with_context(|| format!("job file {}", path.display()))?;
+    let mut cfg = JobConfig::parse_toml(&text).with_context(|| format!("job file {}", path.display()))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let base = std::path::absolute(&base).unwrap_or(base);
     resolve_paths(&mut cfg, &base);

@@ -83,7 +83,7 @@ pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::R
     }
     let data = opts.data.as_deref().or(generated);
     let mut cfg = match &opts.job_file {
-        Some(path) => crate::client::load_job_file(path)?,
+        Some(path) => crate::client::read_job_file(path)?,
         None => {
             let manifest = data.context("the default job needs a dataset: --data, or a generated one")?;
             JobConfig::from_toml(&format!(
@@ -145,9 +145,13 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
 
     // Data: --data, else the job file's datasets, else a synthetic set generated under OUT/data.
     let opts = LaunchOptions { data: opts.data.as_deref().map(std::path::absolute).transpose()?, ..opts };
-    let generated = match (&opts.data, &opts.job_file) {
-        (Some(_), _) | (None, Some(_)) => None,
-        (None, None) => Some({
+    let job_file_has_data = match &opts.job_file {
+        Some(path) => !crate::client::read_job_file(path)?.data.datasets.is_empty(),
+        None => false,
+    };
+    let generated = match (&opts.data, job_file_has_data) {
+        (Some(_), _) | (None, true) => None,
+        (None, false) => Some({
             let dir = out.join("data");
             let manifest = dir.join("manifest.json");
             if manifest.is_file() {
@@ -372,6 +376,13 @@ mod tests {
         let cfg = local_config(&opts(None, None), Some(Path::new("/gen/manifest.json"))).expect("default job");
         assert_eq!(cfg.data.datasets[0].manifest, "/gen/manifest.json");
         assert_eq!(cfg.checkpoint.dir, "/runs/x/checkpoints");
+        // A job file without datasets trains on the generated set; without one either, the error names the key.
+        let bare = dir.path().join("bare.toml");
+        std::fs::write(&bare, "steps = 100\n[model]\nwidth = 8\n").expect("write");
+        let cfg = local_config(&opts(Some(bare.clone()), None), Some(Path::new("/gen/manifest.json"))).expect("bare");
+        assert_eq!((cfg.data.datasets[0].manifest.as_str(), cfg.model.width), ("/gen/manifest.json", 8));
+        let err = local_config(&opts(Some(bare), None), None).expect_err("no data at all");
+        assert!(format!("{err:#}").contains("data.datasets"), "{err:#}");
         let err = local_config(&LaunchOptions { steps: Some(0), ..opts(None, None) }, None).expect_err("--steps 0");
         assert!(err.to_string().contains("--steps"), "{err}");
     }

@@ -599,6 +599,9 @@ impl Coordinator {
             }
             let w = job.worker_mut(&req.call.worker_id)?;
             w.reported_steps = w.reported_steps.max(step + 1);
+            if !req.metrics.device.is_empty() {
+                w.device = req.metrics.device.clone();
+            }
             w.latest = Some(req.metrics.clone());
             job.pending_reports.entry(step).or_default().insert(rank, req.metrics);
             job.commit_ready_steps();
@@ -844,6 +847,12 @@ mod tests {
         // A step commits only when both ranks reported it.
         assert_eq!(report(&c, &a, 0).expect("report").committed_steps, 0);
         assert_eq!(report(&c, &b, 0).expect("report").committed_steps, 1);
+        // The device a step ran on replaces the one named at Join (with NCCL it is chosen later).
+        let on_gpu = StepMetrics { step: 1, loss_total: 1.0, device: "cuda:0".into(), ..Default::default() };
+        let call = WorkerCall { worker_id: a.clone(), generation: 1 };
+        c.report_step(ReportStep { call, metrics: on_gpu, checkpoint: None }).expect("report on cuda:0");
+        let devices: Vec<String> = c.status(&job).expect("status").workers.iter().map(|w| w.device.clone()).collect();
+        assert_eq!(devices, ["cuda:0", "cpu"]);
         for s in 1..4 {
             let w = fetch(&c, &a, 1, s).expect("work");
             if s == 2 {

@@ -310,9 +310,15 @@ impl Default for RuntimeConfig {
 impl JobConfig {
     /// Parses and validates a job file.
     pub fn from_toml(text: &str) -> Result<JobConfig, ConfigError> {
-        let cfg: JobConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let cfg = JobConfig::parse_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Parses without [`JobConfig::validate`]: for a caller that fills in keys (a local launch adds
+    /// its generated dataset) and validates the result.
+    pub fn parse_toml(text: &str) -> Result<JobConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
     }
 
     /// The resolved configuration, every key present.

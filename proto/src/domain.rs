@@ -157,7 +157,7 @@ impl TryFrom<pb::JoinRequest> for Join {
         let host_id = id_field("host_id", &r.host_id)?;
         let collective_addr = parse_host_port("collective_addr", &r.collective_addr)?;
         let device = r.device.trim().to_string();
-        if !(device == "cpu" || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok())) {
+        if !valid_device(&device) {
             return Err(FieldError::new("device", format!("{device:?} is not \"cpu\" or \"cuda:N\"")));
         }
         Ok(Join { job_id, host_id, collective_addr, device, pid: r.pid })
@@ -245,6 +245,13 @@ pub struct StepMetrics {
     pub local_samples: u32,
     pub learning_rate: f64,
     pub skipped_samples: u32,
+    /// `cpu` or `cuda:N`; empty when the worker did not say.
+    pub device: String,
+}
+
+/// `cpu` or `cuda:N`.
+fn valid_device(device: &str) -> bool {
+    device == "cpu" || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok())
 }
 
 impl TryFrom<pb::StepMetrics> for StepMetrics {
@@ -272,6 +279,10 @@ impl TryFrom<pb::StepMetrics> for StepMetrics {
             let v = finite(&format!("loss_terms.{k}"), v)?;
             loss_terms.insert(k, v);
         }
+        let device = m.device.trim().to_string();
+        if !device.is_empty() && !valid_device(&device) {
+            return Err(FieldError::new("metrics.device", format!("{device:?} is not \"cpu\" or \"cuda:N\"")));
+        }
         Ok(StepMetrics {
             step: m.step,
             loss_total: finite("loss_total", m.loss_total)?,
@@ -284,6 +295,7 @@ impl TryFrom<pb::StepMetrics> for StepMetrics {
             local_samples: m.local_samples,
             learning_rate: time("learning_rate", m.learning_rate)?,
             skipped_samples: m.skipped_samples,
+            device,
         })
     }
 }
@@ -302,6 +314,7 @@ impl From<&StepMetrics> for pb::StepMetrics {
             local_samples: m.local_samples,
             learning_rate: m.learning_rate,
             skipped_samples: m.skipped_samples,
+            device: m.device.clone(),
         }
     }
 }
@@ -426,6 +439,13 @@ mod tests {
             checkpoint: String::new(),
         };
         assert_eq!(field_of(ReportStep::try_from(neg)), "metrics.step_ms");
+        let gpu = pb::ReportStepRequest {
+            worker_id: "w-1".into(),
+            generation: 1,
+            metrics: Some(pb::StepMetrics { device: "gpu0".into(), ..Default::default() }),
+            checkpoint: String::new(),
+        };
+        assert_eq!(field_of(ReportStep::try_from(gpu)), "metrics.device");
         let fail = pb::ReportFailureRequest {
             worker_id: "w-1".into(),
             generation: 1,

@@ -561,6 +561,10 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             local_samples: batch.len() as u32,
             learning_rate: work.learning_rate,
             skipped_samples: skipped,
+            device: match device {
+                Device::Cuda(n) => format!("cuda:{n}"),
+                _ => "cpu".into(),
+            },
         };
         ctx.call("report step", async |mut c| {
             c.report_step(pb::ReportStepRequest {

@@ -272,10 +272,11 @@ impl NcclCommunicator {
         let tensor_error = |source| CommError::Tensor { op, source };
         let device = Device::Cuda(self.device_index);
         let len = self.world_size * HEADER_LEN;
-        // From pinned memory, non-blocking: a blocking host-to-device copy would synchronise libtorch's
-        // stream before every collective and undo the stream ordering.
+        // Non-blocking: a blocking host-to-device copy would synchronise libtorch's stream before every
+        // collective and undo the stream ordering. From pageable memory, CUDA stages the 64 bytes before
+        // the call returns, so the source may go at once. (Not pinned: tch's pin_memory passes the
+        // deprecated device argument, and libtorch warns on every call.)
         let local = Tensor::f_from_slice(&header.encode())
-            .and_then(|t| t.f_pin_memory(device))
             .and_then(|t| t.f_to_device_(device, Kind::Int64, true, false))
             .map_err(tensor_error)?;
         let all = Tensor::f_empty([len as i64], (Kind::Int64, device)).map_err(tensor_error)?;
