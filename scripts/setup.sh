@@ -41,6 +41,9 @@ if [ ! -f "$HCMOCO_VENV/.complete" ]; then
 fi
 # webdataset + pillow (tests/tests/webdataset.rs) for venvs built before they were added; torch stays pinned
 "$HCMOCO_VENV/bin/python" -c 'import webdataset, PIL' 2>/dev/null || "$HCMOCO_VENV/bin/pip" install -q "torch==$HCMOCO_TORCH_VERSION" webdataset==1.0.2 pillow==11.3.0
+# timm (tests/tests/interop.rs loads our HRNet-W18 exports into it); torch and its torchvision (0.26.0
+# pairs with torch 2.11.0) pinned in the same command so pip cannot upgrade them
+"$HCMOCO_VENV/bin/python" -c 'import timm' 2>/dev/null || "$HCMOCO_VENV/bin/pip" install -q "torch==$HCMOCO_TORCH_VERSION" torchvision==0.26.0 timm==1.0.31
 source "$here/env.sh"   # the venv's python directory is known now
 [ -d "$LIBTORCH/lib" ] || { log "libtorch not found at $LIBTORCH"; exit 1; }
 

@@ -378,9 +378,9 @@ mod tests {
         assert_eq!(cfg.checkpoint.dir, "/runs/x/checkpoints");
         // A job file without datasets trains on the generated set; without one either, the error names the key.
         let bare = dir.path().join("bare.toml");
-        std::fs::write(&bare, "steps = 100\n[model]\nwidth = 8\n").expect("write");
+        std::fs::write(&bare, "steps = 100\n[model]\nembed_dim = 8\n").expect("write");
         let cfg = local_config(&opts(Some(bare.clone()), None), Some(Path::new("/gen/manifest.json"))).expect("bare");
-        assert_eq!((cfg.data.datasets[0].manifest.as_str(), cfg.model.width), ("/gen/manifest.json", 8));
+        assert_eq!((cfg.data.datasets[0].manifest.as_str(), cfg.model.embed_dim), ("/gen/manifest.json", 8));
         let err = local_config(&opts(Some(bare), None), None).expect_err("no data at all");
         assert!(format!("{err:#}").contains("data.datasets"), "{err:#}");
         let err = local_config(&LaunchOptions { steps: Some(0), ..opts(None, None) }, None).expect_err("--steps 0");

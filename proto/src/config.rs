@@ -160,33 +160,44 @@ pub enum Dtype {
     F64,
 }
 
+/// The image encoders `model.backbone` names.
+pub const BACKBONES: [&str; 2] = ["hrnet_w18", "hrnet_small"];
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// Encoder architecture. `small`: a CPU-friendly strided convolution stack (the first cut).
+    /// Image encoder architecture: `hrnet_w18` (HRNetV2-W18, the production default) or `hrnet_small`
+    /// (the same topology, narrow and shallow: for CPU runs and tests).
     pub backbone: String,
-    /// Channels of the first stage (stages double it).
-    pub width: u32,
-    /// Output dimension of the global heads and the keypoint encoder.
+    /// Upsampling in HRNet's fuse layers: `bilinear` (the authors') or `nearest` (timm's).
+    pub upsample: String,
+    /// Output dimension of the global and dense heads and of the keypoint encoder.
     pub embed_dim: u32,
     pub norm: Norm,
-    /// GroupNorm groups (must divide every stage's channels).
+    /// GroupNorm: each layer of C channels uses the largest divisor of C not above this.
     pub groups: u32,
-    /// Hidden width of the keypoint encoder.
+    /// Hidden width of the SemGCN keypoint encoder.
     pub keypoint_hidden: u32,
+    /// Residual blocks of the SemGCN keypoint encoder.
+    pub keypoint_blocks: u32,
     pub dtype: Dtype,
+    /// Stage 2 starts from a stage-1 checkpoint (a `step-N` directory, or a checkpoint directory whose
+    /// `latest` names one): every variable but the dense heads, and the memory banks. Empty: none.
+    pub init_checkpoint: String,
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
-            backbone: "small".into(),
-            width: 16,
+            backbone: "hrnet_w18".into(),
+            upsample: "bilinear".into(),
             embed_dim: 128,
             norm: Norm::Batch,
-            groups: 4,
+            groups: 32,
             keypoint_hidden: 128,
+            keypoint_blocks: 4,
             dtype: Dtype::F32,
+            init_checkpoint: String::new(),
         }
     }
 }
@@ -196,13 +207,21 @@ impl Default for ModelConfig {
 pub struct LossConfig {
     /// Softmax temperature tau of every contrastive term.
     pub temperature: f64,
-    /// Sample-level variant. `in_batch`: negatives gathered from every rank.
+    /// Sample-level variant. `in_batch`: negatives gathered from every rank; `memory_bank`: one bank
+    /// per modality, `negatives` drawn per anchor.
     pub variant: String,
+    /// Memory-bank variant: negatives K drawn per anchor.
+    pub negatives: u32,
+    /// 1: the six sample-level terms; 2: those plus DICL (both directions), SSCL part 1 (RGB and depth)
+    /// and SSCL part 2.
+    pub stage: u32,
+    /// DICL: cells P drawn per sample with depth.
+    pub dicl_points: u32,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
-        LossConfig { temperature: 0.07, variant: "in_batch".into() }
+        LossConfig { temperature: 0.07, variant: "in_batch".into(), negatives: 16384, stage: 1, dicl_points: 400 }
     }
 }
 
@@ -299,11 +318,14 @@ impl Default for HeartbeatConfig {
 pub struct RuntimeConfig {
     /// libtorch intra-op threads per worker process.
     pub torch_threads: u32,
+    /// `none`, or `bf16`: the encoders' forward under libtorch autocast to bfloat16 (parameters,
+    /// gradients, the losses and the optimizer stay in `model.dtype`).
+    pub autocast: String,
 }
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        RuntimeConfig { torch_threads: 1 }
+        RuntimeConfig { torch_threads: 1, autocast: "none".into() }
     }
 }
 
@@ -390,38 +412,45 @@ impl JobConfig {
             return Err(ConfigError::invalid("data.loader_threads", "must be at least 1"));
         }
         let m = &self.model;
-        if m.backbone != "small" {
+        if !BACKBONES.contains(&m.backbone.as_str()) {
             return Err(ConfigError::invalid(
                 "model.backbone",
-                format!("unknown backbone {:?} (known: \"small\")", m.backbone),
+                format!("unknown backbone {:?} (known: {BACKBONES:?})", m.backbone),
             ));
         }
-        if m.width == 0 || m.embed_dim == 0 || m.keypoint_hidden == 0 {
-            let key = if m.width == 0 {
-                "model.width"
-            } else if m.embed_dim == 0 {
-                "model.embed_dim"
-            } else {
-                "model.keypoint_hidden"
-            };
-            return Err(ConfigError::invalid(key, "must be at least 1"));
+        if !["bilinear", "nearest"].contains(&m.upsample.as_str()) {
+            return Err(ConfigError::invalid(
+                "model.upsample",
+                format!("{:?}: expected \"bilinear\" or \"nearest\"", m.upsample),
+            ));
         }
-        if m.norm == Norm::Group {
-            if m.groups == 0 {
-                return Err(ConfigError::invalid("model.groups", "must be at least 1"));
-            }
-            if !m.width.is_multiple_of(m.groups) {
-                return Err(ConfigError::invalid("model.groups", format!("must divide model.width ({})", m.width)));
+        for (key, v) in [
+            ("model.embed_dim", m.embed_dim),
+            ("model.keypoint_hidden", m.keypoint_hidden),
+            ("model.groups", m.groups),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key, "must be at least 1"));
             }
         }
-        if !(self.loss.temperature.is_finite() && self.loss.temperature > 0.0) {
+        let l = &self.loss;
+        if !(l.temperature.is_finite() && l.temperature > 0.0) {
             return Err(ConfigError::invalid("loss.temperature", "must be a positive number"));
         }
-        if self.loss.variant != "in_batch" {
+        if !["in_batch", "memory_bank"].contains(&l.variant.as_str()) {
             return Err(ConfigError::invalid(
                 "loss.variant",
-                format!("unknown variant {:?} (known: \"in_batch\")", self.loss.variant),
+                format!("unknown variant {:?} (known: \"in_batch\", \"memory_bank\")", l.variant),
             ));
+        }
+        if l.variant == "memory_bank" && l.negatives == 0 {
+            return Err(ConfigError::invalid("loss.negatives", "must be at least 1"));
+        }
+        if !(1..=2).contains(&l.stage) {
+            return Err(ConfigError::invalid("loss.stage", format!("{}: expected 1 or 2", l.stage)));
+        }
+        if l.stage == 2 && l.dicl_points == 0 {
+            return Err(ConfigError::invalid("loss.dicl_points", "must be at least 1"));
         }
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
@@ -462,6 +491,12 @@ impl JobConfig {
         }
         if self.heartbeat.timeout_ms <= self.heartbeat.interval_ms {
             return Err(ConfigError::invalid("heartbeat.timeout_ms", "must be larger than heartbeat.interval_ms"));
+        }
+        if !["none", "bf16"].contains(&self.runtime.autocast.as_str()) {
+            return Err(ConfigError::invalid(
+                "runtime.autocast",
+                format!("{:?}: expected \"none\" or \"bf16\"", self.runtime.autocast),
+            ));
         }
         if self.runtime.torch_threads == 0 {
             return Err(ConfigError::invalid("runtime.torch_threads", "must be at least 1"));
@@ -516,7 +551,13 @@ mod tests {
             ("steps = 0\n", "steps"),
             ("global_batch = 0\n", "global_batch"),
             ("[workers]\nmin = 3\nmax = 2\n", "workers.max"),
-            ("[model]\nnorm = \"group\"\nwidth = 6\ngroups = 4\n", "model.groups"),
+            ("[model]\nnorm = \"group\"\ngroups = 0\n", "model.groups"),
+            ("[model]\nbackbone = \"resnet50\"\n", "model.backbone"),
+            ("[model]\nupsample = \"cubic\"\n", "model.upsample"),
+            ("[loss]\nstage = 3\n", "loss.stage"),
+            ("[loss]\nvariant = \"moco\"\n", "loss.variant"),
+            ("[loss]\nvariant = \"memory_bank\"\nnegatives = 0\n", "loss.negatives"),
+            ("[runtime]\nautocast = \"fp16\"\n", "runtime.autocast"),
             ("[optimizer]\nmomentum = 1.5\n", "optimizer.momentum"),
             ("[loss]\ntemperature = -1.0\n", "loss.temperature"),
             ("[collective]\nbackend = \"mpi\"\n", "collective.backend"),

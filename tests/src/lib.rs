@@ -126,9 +126,10 @@ pub fn small_job(manifest: &Path, out: &Path, workers: u32, steps: u64, global_b
     cfg.global_batch = global_batch;
     cfg.workers.min = workers;
     cfg.workers.max = workers;
-    cfg.model.width = 8;
+    cfg.model.backbone = "hrnet_small".into();
     cfg.model.embed_dim = 32;
     cfg.model.keypoint_hidden = 32;
+    cfg.model.keypoint_blocks = 1;
     cfg.checkpoint.dir = out.join("checkpoints").display().to_string();
     cfg.checkpoint.every_steps = 0;
     cfg.collective.timeout_ms = 20_000;

@@ -79,12 +79,22 @@ fn two_workers_train_30_steps_and_stay_identical() {
     assert_eq!(abs, 0.0);
 }
 
+/// Which objective an equivalence run trains.
+#[derive(Debug, Clone, Copy)]
+struct Objective {
+    stage: u32,
+    memory_bank: bool,
+}
+
+const STAGE1: Objective = Objective { stage: 1, memory_bank: false };
+
 fn equivalence_config(
     manifest: &std::path::Path,
     out: &std::path::Path,
     dtype: Dtype,
     workers: u32,
     global_batch: u64,
+    objective: Objective,
 ) -> hcmoco_proto::JobConfig {
     let mut cfg = small_job(manifest, out, workers, 3, global_batch);
     cfg.seed = 11;
@@ -94,14 +104,27 @@ fn equivalence_config(
     cfg.optimizer.lr = 0.05;
     // Augmented crops: seeded by (seed, epoch, slot), they must not depend on which rank loads a sample.
     cfg.data.image_size = 24;
+    cfg.loss.stage = objective.stage;
+    cfg.loss.dicl_points = 40;
+    if objective.memory_bank {
+        cfg.loss.variant = "memory_bank".into();
+        cfg.loss.negatives = 24;
+    }
     cfg
 }
 
-fn equivalence_run(dtype: Dtype, workers: u32, global_batch: u64) -> Vec<(String, tch::Tensor)> {
+/// Final state of rank 0 (and, with two ranks, of rank 1) and the last step's loss.
+struct RunResult {
+    state: Vec<(String, tch::Tensor)>,
+    other_rank: Option<Vec<(String, tch::Tensor)>>,
+    loss: f64,
+}
+
+fn equivalence_run(dtype: Dtype, workers: u32, global_batch: u64, objective: Objective) -> RunResult {
     let tmp = tempfile::tempdir().expect("tempdir");
     let manifest = synth(&tmp.path().join("data"), 40, 32, 7);
     let c = TestCoordinator::start();
-    let job = c.submit(equivalence_config(&manifest, tmp.path(), dtype, workers, global_batch));
+    let job = c.submit(equivalence_config(&manifest, tmp.path(), dtype, workers, global_batch, objective));
     let dump = tmp.path().join("state");
     let dump_arg = dump.display().to_string();
     let mut procs: Vec<WorkerProc> = (0..workers)
@@ -113,7 +136,40 @@ fn equivalence_run(dtype: Dtype, workers: u32, global_batch: u64) -> Vec<(String
         assert!(code.success(), "{}", p.log_text());
     }
     assert_eq!(state_of(&end), pb::JobState::Completed, "{}", end.message);
-    read_tensors(&dump.join("rank-0.safetensors")).expect("state")
+    let last = end.latest.as_ref().expect("metrics of the last step");
+    assert_eq!(last.step, 2);
+    if objective.stage == 2 {
+        for term in ["dicl_r2d", "dicl_d2r", "sscl_r2k", "sscl_d2k", "sscl_cross"] {
+            let v = last.loss_terms.get(term).copied().unwrap_or_default();
+            assert!(v > 0.0 && v.is_finite(), "{term} = {v}: every stage-2 term has anchors in this data");
+        }
+    }
+    RunResult {
+        state: read_tensors(&dump.join("rank-0.safetensors")).expect("state"),
+        other_rank: (workers > 1).then(|| read_tensors(&dump.join("rank-1.safetensors")).expect("rank 1 state")),
+        loss: last.loss_total,
+    }
+}
+
+/// Asserts that a 2-rank run and a 1-rank run of the same global batch agree on the loss and the
+/// final parameters (3 SGD steps: any gradient difference shows).
+fn assert_equivalent(dtype: Dtype, objective: Objective) -> (RunResult, RunResult) {
+    let (tol_abs, tol_rel) = match dtype {
+        Dtype::F64 => (1e-9, f64::INFINITY),
+        Dtype::F32 => (f64::INFINITY, 1e-4),
+    };
+    let one = equivalence_run(dtype, 1, 12, objective);
+    let two = equivalence_run(dtype, 2, 12, objective);
+    let (abs, rel) = max_diffs(&one.state, &two.state).expect("same parameters");
+    assert!(abs <= tol_abs && rel <= tol_rel, "{dtype:?} {objective:?}: max abs diff {abs:e}, max rel diff {rel:e}");
+    let loss_diff = (one.loss - two.loss).abs();
+    assert!(
+        loss_diff <= tol_abs.min(1e-9 * one.loss.abs().max(1.0)).max(tol_rel.min(1.0) * one.loss.abs()),
+        "{dtype:?} {objective:?}: loss {} (1 rank) vs {} (2 ranks)",
+        one.loss,
+        two.loss
+    );
+    (one, two)
 }
 
 /// 2 ranks x batch B against 1 rank x batch 2B, same seed, 3 SGD steps, GroupNorm: the parameters
@@ -121,18 +177,47 @@ fn equivalence_run(dtype: Dtype, workers: u32, global_batch: u64) -> Vec<(String
 /// gradient rule: any lost gradient through other ranks' rows, or a 1/world scaling, breaks it.
 #[test]
 fn two_ranks_match_one_rank_with_the_whole_batch() {
-    for (dtype, tol_abs, tol_rel) in [(Dtype::F64, 1e-9, f64::INFINITY), (Dtype::F32, f64::INFINITY, 1e-4)] {
-        let one = equivalence_run(dtype, 1, 12);
-        let two = equivalence_run(dtype, 2, 12);
-        let (abs, rel) = max_diffs(&one, &two).expect("same parameters");
-        assert!(abs <= tol_abs && rel <= tol_rel, "{dtype:?}: max abs diff {abs:e}, max rel diff {rel:e}");
+    for dtype in [Dtype::F64, Dtype::F32] {
+        let (one, _) = assert_equivalent(dtype, STAGE1);
         // The runs did train: the loss gradients moved the parameters away from the seed's initial
         // weights by far more than weight decay alone could (3 steps x lr 0.05 x wd 1e-4 ~ 1e-5 relative).
-        let cfg = equivalence_config(std::path::Path::new("/unused"), std::path::Path::new("/unused"), dtype, 1, 12);
-        let init = hcmoco_worker::model::Model::new(&cfg.model, 16, cfg.seed, tch::Device::Cpu).state();
-        let (_, moved) = max_diffs(&init, &one).expect("same parameter names");
+        let unused = std::path::Path::new("/unused");
+        let cfg = equivalence_config(unused, unused, dtype, 1, 12, STAGE1);
+        let init = hcmoco_worker::model::Model::new(&cfg.model, hcmoco_data::KeypointLayout::Mpii16, cfg.seed, tch::Device::Cpu)
+            .expect("model")
+            .state();
+        let (_, moved) = max_diffs(&init, &one.state).expect("same parameter names");
         assert!(moved > 1e-3, "{dtype:?}: parameters barely moved (max relative change {moved:e})");
     }
+}
+
+/// The same equivalence for stage 2 (every term: the six sample-level terms, DICL both ways, SSCL
+/// part 1 for RGB and depth, SSCL part 2 over the global batch), in f64 and fp32.
+#[test]
+fn stage_two_two_ranks_match_one_rank() {
+    for dtype in [Dtype::F64, Dtype::F32] {
+        assert_equivalent(dtype, Objective { stage: 2, memory_bank: false });
+    }
+}
+
+/// The memory-bank variant: 2 ranks match 1 rank (negatives are drawn per slot, banks are updated in
+/// global slot order), and the two ranks' banks are bit-identical.
+#[test]
+fn memory_bank_two_ranks_match_one_rank_and_banks_stay_identical() {
+    let (one, two) = assert_equivalent(Dtype::F64, Objective { stage: 2, memory_bank: true });
+    let rank1 = two.other_rank.expect("rank 1 state");
+    let banks = |s: &[(String, tch::Tensor)]| -> Vec<(String, tch::Tensor)> {
+        s.iter().filter(|(n, _)| n.starts_with("bank.")).map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    };
+    let (b0, b1) = (banks(&two.state), banks(&rank1));
+    assert_eq!(b0.len(), 3, "three banks dumped: {:?}", b0.iter().map(|(n, _)| n).collect::<Vec<_>>());
+    for ((n0, t0), (n1, t1)) in b0.iter().zip(&b1) {
+        assert_eq!(n0, n1);
+        assert!(t0.equal(t1), "{n0}: ranks' banks differ");
+    }
+    // The banks were written: they differ from a fresh bank of the same seed where samples were seen.
+    let (abs, _) = max_diffs(&banks(&one.state), &b0).expect("same banks");
+    assert!(abs <= 1e-9, "1-rank and 2-rank banks differ by {abs:e}");
 }
 
 /// kill -9 of one worker in the middle of a run: the survivor's collective fails fast (no hang), the

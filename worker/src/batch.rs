@@ -3,8 +3,12 @@
 //! RGB: ImageNet mean/std normalised, 3 x H x W. Depth (when present): metres minus the mean of the
 //! foreground, background 0, 1 x H x W, stacked only for the samples that have it (`depth_rows` says
 //! which). Keypoints: the method page's encoder input (root-relative, scaled into [-1, 1], invisible
-//! joints at 0), flattened to 2J; a sample with fewer than 2 visible joints has no keypoint modality.
+//! joints at 0), N x J x 2; a sample with fewer than 2 visible joints has no keypoint modality.
 //! Missing modalities travel as masks, never as fake data.
+//!
+//! For stage 2 the batch also carries, per joint, its cell on the stride-4 map and whether it is
+//! visible (labelled and inside the crop), and per sample with depth the P cells DICL samples from its
+//! foreground (drawn with a generator seeded by (seed, epoch, slot)).
 
 use hcmoco_data::{KeypointLayout, Sample, normalize_keypoints};
 use tch::{Kind, Tensor};
@@ -21,10 +25,49 @@ pub struct Batch {
     pub depth: Tensor,
     /// Row of each depth image in the batch (b_d).
     pub depth_rows: Vec<i64>,
-    /// b x 2J
+    /// b x J x 2
     pub keypoints: Tensor,
     pub has_depth: Vec<bool>,
     pub has_keypoints: Vec<bool>,
+    /// Each sample's global id (dataset offset + index) and plan slot.
+    pub ids: Vec<i64>,
+    pub slots: Vec<u64>,
+    /// The epoch of the step (every sample of a step comes from one epoch of the plan).
+    pub epoch: u64,
+    /// b x J x 2 int64: (row, col) of each joint's cell on the stride-4 map, clamped into it.
+    pub joint_cells: Tensor,
+    /// b x J: the joint is labelled and inside the crop.
+    pub joint_visible: Vec<bool>,
+    /// DICL: rows of `depth` (0..b_d) whose foreground is not empty, and their cells (n x P int64, flat
+    /// index row * w + col on the stride-4 map). Empty when DICL is off.
+    pub dicl_rows: Vec<i64>,
+    pub dicl_cells: Tensor,
+}
+
+/// What a sample is, beyond its pixels: where it sits in the plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleTag {
+    /// Global id: the offset of its dataset in the job's dataset list plus its index.
+    pub id: i64,
+    pub epoch: u64,
+    pub slot: u64,
+}
+
+/// Options of [`build`] beyond the samples.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchOptions {
+    pub layout: KeypointLayout,
+    /// (width, height) of every sample of the step.
+    pub image_size: (u32, u32),
+    pub kind: Kind,
+    /// DICL cells per sample with depth (0: none drawn).
+    pub dicl_points: usize,
+    pub seed: u64,
+}
+
+/// Side of the stride-4 map of an image side (two stride-2 convolutions with padding 1).
+pub fn map_side(pixels: i64) -> i64 {
+    ((pixels + 1) / 2 + 1) / 2
 }
 
 impl Batch {
@@ -45,6 +88,8 @@ impl Batch {
             rgb: self.rgb.to_device(device),
             depth: self.depth.to_device(device),
             keypoints: self.keypoints.to_device(device),
+            joint_cells: self.joint_cells.to_device(device),
+            dicl_cells: self.dicl_cells.to_device(device),
             ..self
         }
     }
@@ -59,16 +104,22 @@ pub enum BatchError {
     Layout { key: String, got: KeypointLayout, want: KeypointLayout },
     #[error("sample {key}: {what} holds {got} values, expected {want}")]
     Length { key: String, what: &'static str, got: usize, want: usize },
+    #[error("{samples} samples but {tags} tags")]
+    Tags { samples: usize, tags: usize },
 }
 
-/// Builds a batch of `kind` from decoded samples (possibly none).
-pub fn build(
-    samples: &[Sample],
-    layout: KeypointLayout,
-    image_size: (u32, u32),
-    kind: Kind,
-) -> Result<Batch, BatchError> {
+/// Builds a batch from decoded samples (possibly none) and their tags (same order).
+pub fn build(samples: &[Sample], tags: &[SampleTag], opts: &BatchOptions) -> Result<Batch, BatchError> {
+    if samples.len() != tags.len() {
+        return Err(BatchError::Tags { samples: samples.len(), tags: tags.len() });
+    }
+    let BatchOptions { layout, image_size, kind, dicl_points, seed } = *opts;
     let (w0, h0) = image_size;
+    let (mh, mw) = (map_side(i64::from(h0)), map_side(i64::from(w0)));
+    let mut joint_cells = Vec::with_capacity(samples.len() * layout.num_joints() * 2);
+    let mut joint_visible = Vec::with_capacity(samples.len() * layout.num_joints());
+    let mut dicl_rows = Vec::new();
+    let mut dicl_cells = Vec::new();
     let (w, h) = (w0 as usize, h0 as usize);
     let joints = layout.num_joints();
     let mut rgb = Vec::with_capacity(samples.len() * 3 * h * w);
@@ -106,6 +157,15 @@ pub fn build(
                 let fg: Vec<f32> = d.data.iter().filter(|&&v| v > 0).map(|&v| f32::from(v) / 1000.0).collect();
                 let mean = if fg.is_empty() { 0.0 } else { fg.iter().sum::<f32>() / fg.len() as f32 };
                 depth.extend(d.data.iter().map(|&v| if v > 0 { f32::from(v) / 1000.0 - mean } else { 0.0 }));
+                if dicl_points > 0 {
+                    let fg = crate::loss::nearest_mask(&d.data, h, w, mh as usize, mw as usize);
+                    let t = &tags[row];
+                    let cells = crate::loss::draw_cells(&fg, dicl_points, crate::loss::dicl_seed(seed, t.epoch, t.slot));
+                    if !cells.is_empty() {
+                        dicl_rows.push(depth_rows.len() as i64);
+                        dicl_cells.extend(cells);
+                    }
+                }
                 depth_rows.push(row as i64);
                 has_depth.push(true);
             }
@@ -113,6 +173,11 @@ pub fn build(
         }
         if s.joints.len() != joints {
             return Err(BatchError::Length { key: s.key.clone(), what: "joints", got: s.joints.len(), want: joints });
+        }
+        for j in &s.joints {
+            let (r, c) = crate::loss::joint_cell(j.x, j.y, 4, mh, mw);
+            joint_cells.extend([r, c]);
+            joint_visible.push(j.visible && j.x.is_finite() && j.y.is_finite());
         }
         match normalize_keypoints(layout, &s.joints) {
             Some(p) => {
@@ -131,8 +196,15 @@ pub fn build(
         rgb: to(rgb, &[b, 3, h as i64, w as i64]),
         depth: to(depth, &[bd, 1, h as i64, w as i64]),
         depth_rows,
-        keypoints: to(kps, &[b, 2 * joints as i64]),
+        keypoints: to(kps, &[b, joints as i64, 2]),
         has_depth,
         has_keypoints,
+        ids: tags.iter().map(|t| t.id).collect(),
+        slots: tags.iter().map(|t| t.slot).collect(),
+        epoch: tags.first().map_or(0, |t| t.epoch),
+        joint_cells: Tensor::from_slice(&joint_cells).view([b, joints as i64, 2]),
+        joint_visible,
+        dicl_cells: Tensor::from_slice(&dicl_cells).view([dicl_rows.len() as i64, dicl_points as i64]),
+        dicl_rows,
     })
 }

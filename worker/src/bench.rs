@@ -219,11 +219,11 @@ fn bench_allreduce(comm: &mut dyn Communicator, spec: &BenchSpec, kind: Kind, el
     Ok(())
 }
 
-/// Reduces a model's worth of gradients (the default job's encoders), fused into buckets of
-/// `bucket_mb` MiB, or one all-reduce per tensor when `bucket_mb` is 0.
+/// Reduces a model's worth of gradients (the demo job's encoders: `hrnet_small`), fused into buckets
+/// of `bucket_mb` MiB, or one all-reduce per tensor when `bucket_mb` is 0.
 fn bench_grads(comm: &mut dyn Communicator, spec: &BenchSpec, kind: Kind) -> anyhow::Result<()> {
-    let cfg = hcmoco_proto::config::ModelConfig::default();
-    let model = crate::model::Model::new(&cfg, 16, 0, Device::Cpu);
+    let cfg = hcmoco_proto::config::ModelConfig { backbone: "hrnet_small".into(), ..Default::default() };
+    let model = crate::model::Model::new(&cfg, hcmoco_data::KeypointLayout::Mpii16, 0, Device::Cpu)?;
     let grads: Vec<Option<Tensor>> =
         model.parameters().iter().map(|(_, p)| Some(p.detach().to_kind(kind).ones_like())).collect();
     let shapes: Vec<Vec<i64>> = grads.iter().flatten().map(Tensor::size).collect();

@@ -1,4 +1,5 @@
-//! Checkpoints: `DIR/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, meta.json, job.toml}`.
+//! Checkpoints: `DIR/step-NNNNNNNN/{model.safetensors, optimizer.safetensors, meta.json, job.toml}`,
+//! plus `banks.safetensors` (the memory banks) in the memory-bank variant.
 //!
 //! A checkpoint is written into a hidden temporary directory next to its final place and renamed
 //! into place only when complete, then `DIR/latest` is replaced (temp file + rename) to name it. A
@@ -74,6 +75,7 @@ pub fn write(
     meta: &CheckpointMeta,
     model: &[(String, Tensor)],
     optimizer: &[(String, Tensor)],
+    banks: &[(String, Tensor)],
     job_toml: &str,
 ) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
@@ -89,6 +91,12 @@ pub fn write(
     let opt_path = tmp.join("optimizer.safetensors");
     Tensor::write_safetensors(optimizer, &opt_path).with_context(|| format!("cannot write {}", opt_path.display()))?;
     sync_file(&opt_path)?;
+    if !banks.is_empty() {
+        let banks_path = tmp.join("banks.safetensors");
+        Tensor::write_safetensors(banks, &banks_path)
+            .with_context(|| format!("cannot write {}", banks_path.display()))?;
+        sync_file(&banks_path)?;
+    }
     write_file(&tmp.join("meta.json"), serde_json::to_string_pretty(meta)?.as_bytes())?;
     write_file(&tmp.join("job.toml"), job_toml.as_bytes())?;
     fsync_dir(&tmp);
@@ -110,8 +118,9 @@ pub fn write(
     Ok(final_dir)
 }
 
-/// Reads a checkpoint directory: metadata, model tensors, optimizer tensors.
-pub fn read(dir: &Path) -> anyhow::Result<(CheckpointMeta, Named, Named)> {
+/// Reads a checkpoint directory: metadata, model tensors, optimizer tensors, and the memory banks when
+/// it has them.
+pub fn read(dir: &Path) -> anyhow::Result<(CheckpointMeta, Named, Named, Option<Named>)> {
     let meta_path = dir.join("meta.json");
     let text = std::fs::read_to_string(&meta_path).with_context(|| format!("cannot read {}", meta_path.display()))?;
     let meta: CheckpointMeta = serde_json::from_str(&text).with_context(|| format!("bad {}", meta_path.display()))?;
@@ -122,7 +131,13 @@ pub fn read(dir: &Path) -> anyhow::Result<(CheckpointMeta, Named, Named)> {
         .with_context(|| format!("bad model weights in {}", dir.display()))?;
     let opt = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
         .with_context(|| format!("bad optimizer state in {}", dir.display()))?;
-    Ok((meta, model, opt))
+    let banks_path = dir.join("banks.safetensors");
+    let banks = if banks_path.is_file() {
+        Some(Tensor::read_safetensors(&banks_path).with_context(|| format!("bad memory banks in {}", dir.display()))?)
+    } else {
+        None
+    };
+    Ok((meta, model, opt, banks))
 }
 
 /// The directory `DIR/latest` names, if any.
@@ -152,11 +167,12 @@ mod tests {
         };
         let model = vec![("rgb.head.weight".to_string(), Tensor::from_slice(&[1.0f32, 2.0]))];
         let opt = vec![("momentum.rgb.head.weight".to_string(), Tensor::from_slice(&[0.5f32, 0.25]))];
-        let p = write(dir.path(), &meta, &model, &opt, "steps = 3\n").expect("write");
+        let p = write(dir.path(), &meta, &model, &opt, &[], "steps = 3\n").expect("write");
         assert_eq!(latest(dir.path()), Some(p.clone()));
-        let (m, w, o) = read(&p).expect("read");
+        let (m, w, o, banks) = read(&p).expect("read");
         assert_eq!(m, meta);
         assert!(w[0].1.equal(&model[0].1) && o[0].1.equal(&opt[0].1));
+        assert!(banks.is_none(), "no banks written, none read");
         // No temporary leftovers.
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -165,13 +181,16 @@ mod tests {
         assert!(names.iter().all(|n| !n.contains(".tmp")), "{names:?}");
         // A second checkpoint moves the pointer.
         let meta2 = CheckpointMeta { step: 6, ..meta };
-        let p2 = write(dir.path(), &meta2, &model, &opt, "").expect("write");
-        assert_eq!(latest(dir.path()), Some(p2));
+        let bank = vec![("bank.rgb".to_string(), Tensor::from_slice(&[0.6f32, 0.8]).view([1, 2]))];
+        let p2 = write(dir.path(), &meta2, &model, &opt, &bank, "").expect("write");
+        assert_eq!(latest(dir.path()), Some(p2.clone()));
+        let (.., banks) = read(&p2).expect("read with banks");
+        assert!(banks.expect("banks")[0].1.equal(&bank[0].1));
         assert!(p.is_dir(), "older checkpoints are kept");
         // Re-writing a step replaces it; a temporary left by a dead writer is cleaned up.
         let stale = dir.path().join(".step-00000003.tmp-4000000000");
         std::fs::create_dir(&stale).expect("stale temp");
-        let again = write(dir.path(), &meta2, &model, &opt, "x").expect("rewrite");
+        let again = write(dir.path(), &meta2, &model, &opt, &[], "x").expect("rewrite");
         assert_eq!(std::fs::read_to_string(again.join("job.toml")).expect("toml"), "x");
         assert!(!stale.exists());
         let names: Vec<String> = std::fs::read_dir(dir.path())

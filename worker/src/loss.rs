@@ -1,16 +1,35 @@
-//! The sample-level, modality-invariant terms of the method page in the in-batch variant, computed
-//! as one rank's share of the global-batch loss.
+//! The objective of the method page, every term computed as one rank's share of the global-batch loss.
 //!
-//! Inputs are the GLOBAL batch's embeddings (all ranks' rows, all-gathered, in slot order) and the
-//! per-row modality masks. A term's value is the mean over its valid anchors in the global batch; a
-//! rank computes `(sum over its own anchors) / (global anchor count)`, so the shares of all ranks add
-//! up to the global loss, and the gradient of a share with respect to every gathered row is exactly
-//! that rank's part of the single-process gradient (the "Cross-rank negatives" rule). Rows lacking a
-//! modality are selected out before normalisation, so nothing invalid can produce a NaN.
+//! A term's value is the mean over its valid anchors in the global batch; a rank computes
+//! `(sum over its own anchors) / (global anchor count)`, so the shares of all ranks add up to the
+//! global loss, and the gradient of a share with respect to every input row is exactly that rank's part
+//! of the single-process gradient (the "Cross-rank negatives" rule). Invalid rows (a missing modality,
+//! an invisible joint, a cell that was not drawn) are selected out before anything is computed on them,
+//! never multiplied by zero, so nothing they hold can produce a NaN. A term without anchors is exactly 0
+//! and carries no graph (its gradient is zero).
+//!
+//! Layout:
+//! - this file: [`Modality`], [`TERMS`], [`normalize`] and the six sample-level terms in the in-batch
+//!   variant ([`sample_level_share`]: inputs are the GLOBAL batch's embeddings, all ranks' rows,
+//!   all-gathered in slot order, and the per-row modality masks);
+//! - [`bank`]: the memory-bank variant of the sample-level terms ([`MemoryBank`]);
+//! - [`dense`]: the dense intra-sample term (DICL), the cell and joint-cell rules and the seeded draw of
+//!   the DICL cells;
+//! - [`sscl`]: the sparse structure-aware terms, SSCL part 1 (image joint <-> skeleton joint) and part 2
+//!   (cross-sample, over the global batch).
 
 use std::ops::Range;
 
 use tch::{Kind, Tensor};
+
+pub mod bank;
+pub mod dense;
+pub mod sscl;
+mod stream;
+
+pub use bank::MemoryBank;
+pub use dense::{cell_features, dicl_seed, dicl_share, draw_cells, joint_cell, nearest_mask};
+pub use sscl::{sscl_part1_share, sscl_part2_share};
 
 /// Modalities, in the order of the gathered embedding blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,9 +51,10 @@ pub const TERMS: [(&str, Modality, Modality); 6] = [
     ("kp_rgb", Keypoints, Rgb),
 ];
 
-/// L2 normalisation of rows (as `torch.nn.functional.normalize`, eps 1e-12).
+/// L2 normalisation along the last dimension (the rows of a matrix), as
+/// `torch.nn.functional.normalize(x, dim=-1)` (eps 1e-12).
 pub fn normalize(x: &Tensor) -> Tensor {
-    x / x.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12)
+    x / x.norm_scalaropt_dim(2, [-1i64].as_slice(), true).clamp_min(1e-12)
 }
 
 /// This rank's share of the six terms.
@@ -159,6 +179,26 @@ mod tests {
     }
 
     #[test]
+    fn matches_a_hand_computed_case_with_a_missing_candidate() {
+        // RGB (1, 0), (0, 2), (5, 5); depth (3, 0), (0, 1) and none for the third sample (NaN: never
+        // read). tau = 1. rgb_depth: anchors 0 and 1, candidates the two depth rows: logits (1, 0), own
+        // sample first: ln(1 + e) - 1. depth_rgb: anchors 0 and 1, candidates all three RGB rows
+        // (the third has RGB): logits (1, 0, 1/sqrt 2) up to order: ln(e + 1 + e^(1/sqrt 2)) - 1.
+        let rgb = Tensor::from_slice(&[1.0, 0.0, 0.0, 2.0, 5.0, 5.0]).view([3, 2]);
+        let depth = Tensor::from_slice(&[3.0, 0.0, 0.0, 1.0, f64::NAN, f64::NAN]).view([3, 2]);
+        let kp = Tensor::from_slice(&[1.0, 0.0, 0.0, 1.0, 0.0, 1.0]).view([3, 2]);
+        let has = [vec![true; 3], vec![true, true, false], vec![true; 3]];
+        let s = sample_level_share(&[rgb, depth, kp], &has, 0..3, 1.0);
+        let e = std::f64::consts::E;
+        let want = [(1.0 + e).ln() - 1.0, (e + 1.0 + std::f64::consts::FRAC_1_SQRT_2.exp()).ln() - 1.0];
+        for t in 0..2 {
+            assert!((s.terms[t] - want[t]).abs() < 1e-12, "term {t}: {} vs {}", s.terms[t], want[t]);
+        }
+        assert_eq!(s.anchors, [2, 2, 2, 2, 3, 3]);
+        assert!(s.total.double_value(&[]).is_finite());
+    }
+
+    #[test]
     fn a_term_without_anchors_is_exactly_zero_without_nan() {
         let has = [vec![true; 3], vec![false; 3], vec![true; 3]];
         let mut z = leaves(3, 4, 3);
@@ -172,5 +212,29 @@ mod tests {
         for gi in &g {
             assert!(gi.isnan().any().int64_value(&[]) == 0);
         }
+    }
+}
+
+/// Helpers shared by the loss modules' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use tch::Tensor;
+
+    /// Gradients of `total` with respect to each leaf (zeros where it does not reach a leaf or carries
+    /// no graph at all).
+    pub(crate) fn grads(total: &Tensor, leaves: &[Tensor]) -> Vec<Tensor> {
+        if !total.requires_grad() {
+            return leaves.iter().map(Tensor::zeros_like).collect();
+        }
+        Tensor::run_backward(&[total], leaves, true, false)
+            .into_iter()
+            .zip(leaves)
+            .map(|(g, l)| if g.defined() { g } else { l.zeros_like() })
+            .collect()
+    }
+
+    /// Asserts `|got - want| <= tol`.
+    pub(crate) fn close(got: f64, want: f64, tol: f64) {
+        assert!((got - want).abs() <= tol, "got {got}, expected {want} (tolerance {tol})");
     }
 }

@@ -35,7 +35,7 @@ enum Cmd {
         /// Keep trying to reach the coordinator for this many seconds, then exit non-zero.
         #[arg(long, default_value_t = 30.0)]
         connect_timeout_secs: f64,
-        /// Write this rank's final parameters and buffers to DIR/rank-R.safetensors.
+        /// Write this rank's final parameters, buffers and memory banks to DIR/rank-R.safetensors.
         #[arg(long)]
         dump_state: Option<PathBuf>,
         /// cpu or cuda:N (default: cpu; with the nccl backend, the GPU of this worker's local rank).
@@ -51,6 +51,44 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         command: BenchCmd,
+    },
+    /// Write the RGB or depth encoder of a checkpoint as a PyTorch-loadable safetensors file.
+    Export {
+        /// A checkpoint step directory, a checkpoint directory (its `latest` is used), or a model.safetensors.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// rgb or depth.
+        #[arg(long)]
+        modality: String,
+        #[arg(long)]
+        output: PathBuf,
+    },
+    /// Run an exported encoder on an input tensor; write its four branch maps (branch1..branch4).
+    Encode {
+        /// An encoder written by `export`.
+        #[arg(long)]
+        weights: PathBuf,
+        /// A safetensors file holding one N x C x H x W float tensor (or one named `input`).
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Evaluate the in-batch objective and its gradients on given features (docs/loss-eval.md).
+    LossEval {
+        /// safetensors with z_rgb, z_depth, z_kp, has_depth, dense_rgb, dense_depth, pixel_idx, g_kp,
+        /// joint_cells, joint_vis (and optionally has_kp).
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors written with the eleven loss_* terms, loss_total and the grad_* tensors.
+        #[arg(long)]
+        output: PathBuf,
+        /// Temperature of every term.
+        #[arg(long, default_value_t = 0.07)]
+        tau: f64,
     },
     /// Dataset tools.
     Data {
@@ -104,6 +142,63 @@ impl BenchArgs {
     }
 }
 
+#[derive(clap::Args, Clone)]
+struct StepArgs {
+    /// hrnet_small or hrnet_w18.
+    #[arg(long, default_value = "hrnet_small")]
+    backbone: String,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Square image side in pixels.
+    #[arg(long, default_value_t = 64)]
+    image: i64,
+    /// 1 (sample-level terms) or 2 (all terms).
+    #[arg(long, default_value_t = 2)]
+    stage: u32,
+    #[arg(long, default_value_t = 400)]
+    dicl_points: usize,
+    /// libtorch intra-op threads.
+    #[arg(long, default_value_t = 1)]
+    threads: i32,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Run the encoders under bfloat16 autocast.
+    #[arg(long)]
+    bf16: bool,
+    /// batch or group.
+    #[arg(long, default_value = "batch")]
+    norm: String,
+}
+
+impl StepArgs {
+    fn spec(&self) -> anyhow::Result<hcmoco_worker::bench_step::StepBenchSpec> {
+        let norm = match self.norm.as_str() {
+            "batch" => hcmoco_proto::config::Norm::Batch,
+            "group" => hcmoco_proto::config::Norm::Group,
+            other => anyhow::bail!("--norm {other:?}: expected batch or group"),
+        };
+        anyhow::ensure!(self.stage == 1 || self.stage == 2, "--stage {}: expected 1 or 2", self.stage);
+        Ok(hcmoco_worker::bench_step::StepBenchSpec {
+            backbone: self.backbone.clone(),
+            batch: self.batch,
+            image: self.image,
+            stage: self.stage,
+            dicl_points: self.dicl_points,
+            threads: self.threads,
+            warmup: self.warmup,
+            iters: self.iters,
+            device: hcmoco_worker::run::parse_device(&self.device)?,
+            autocast: self.bf16,
+            norm,
+        })
+    }
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// All-reduce bandwidth: `bytes=... time_ms=... algbw_GBps=... busbw_GBps=...` per size.
@@ -124,6 +219,9 @@ enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         image_size: u32,
     },
+    /// One training step (forward, every loss term of the stage, backward, SGD) of the real model on a
+    /// synthetic batch, world size 1 (compare: scripts/bench_step.py).
+    Step(StepArgs),
     /// One rank of a benchmark (spawned by the two above).
     #[command(hide = true)]
     Rank {
@@ -246,7 +344,29 @@ fn main() {
                 hcmoco_worker::bench::run_loader(&manifest, threads, samples, batch, image_size)
             }
             BenchCmd::Rank { rank, op, args } => args.spec(&op).and_then(|s| hcmoco_worker::bench::run_rank(&s, rank)),
+            BenchCmd::Step(a) => a.spec().and_then(|s| hcmoco_worker::bench_step::run(&s)),
         },
+        Cmd::Export { checkpoint, modality, output } => modality
+            .parse::<hcmoco_worker::export::ImageModality>()
+            .and_then(|m| hcmoco_worker::export::export(&checkpoint, m, &output))
+            .map(|r| {
+                println!(
+                    "wrote the {} encoder ({}, {} tensors, norm {}, upsample {}) of {} to {}",
+                    r.meta.modality,
+                    r.meta.backbone,
+                    r.tensors,
+                    hcmoco_worker::export::norm_name(r.meta.norm),
+                    r.meta.upsample,
+                    r.model.display(),
+                    output.display()
+                )
+            }),
+        Cmd::Encode { weights, input, output, device } => hcmoco_worker::run::parse_device(&device)
+            .and_then(|d| hcmoco_worker::export::encode(&weights, &input, &output, d))
+            .map(|shapes| println!("wrote branch1..branch4 {shapes:?} to {}", output.display())),
+        Cmd::LossEval { input, output, tau } => hcmoco_worker::loss_eval::run(&input, &output, tau)
+            .map(|values| values.iter().for_each(|(name, v)| println!("{name} {v}")))
+            .map_err(anyhow::Error::from),
         Cmd::Data { command: DataCmd::Inspect { manifest } } => inspect(&manifest),
         Cmd::Data { command: DataCmd::Verify { manifest } } => verify(&manifest),
         Cmd::Data { command: DataCmd::Convert { source, out, max_side, shard_size } } => {

@@ -1,109 +1,93 @@
-//! The first-cut model: a small strided-convolution encoder per image modality with a global head,
-//! and a keypoint encoder. CPU-friendly; the HRNet-W18 and SemGCN encoders replace these behind the
-//! same [`Model`] interface.
+//! The HCMoCo model: an HRNet encoder per image modality (RGB, depth) with a global and a dense head,
+//! and a SemGCN keypoint encoder with a skeleton global head (method page, "Encoders").
 //!
-//! Variables live in one `VarStore` under `rgb.*`, `depth.*`, `kp.*`. Parameters (trainable) and
-//! buffers (BatchNorm running statistics) are listed in name order, identical on every rank, which is
-//! what gradient all-reduce and buffer broadcast rely on.
+//! Variables live in one `VarStore`:
+//! - `rgb.backbone.*`, `depth.backbone.*`: HRNet with the official layout's names ([`crate::hrnet`]);
+//! - `rgb.global_head.{weight,bias}`: Linear(sum of branch widths -> embed_dim) on the concatenated
+//!   global-average-pooled branches;
+//! - `rgb.dense_head.{weight,bias}`: a 1x1 convolution (sum of branch widths -> embed_dim) on branch 1
+//!   concatenated with branches 2-4 upsampled bilinearly (align_corners false) to its size;
+//! - the same under `depth.*` (one input channel);
+//! - `kp.gcn.*` ([`crate::semgcn`]) and `kp.global_head.*`: Linear(embed_dim -> embed_dim) on the mean
+//!   over joints.
+//!
+//! Parameters (trainable) and buffers (normalisation statistics) are listed in name order, identical on
+//! every rank, which is what gradient all-reduce and buffer broadcast rely on.
 
-use hcmoco_proto::config::{Dtype, ModelConfig, Norm};
-use tch::nn::{self, Module, ModuleT};
+use hcmoco_data::KeypointLayout;
+use hcmoco_proto::config::{Dtype, ModelConfig};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-/// BatchNorm momentum (PyTorch convention), as in the method's reference.
-pub const BN_MOMENTUM: f64 = 0.01;
+use crate::hrnet::{HrNet, HrNetSpec, Upsample};
+use crate::semgcn::SemGcn;
 
-enum NormLayer {
-    Batch(nn::BatchNorm),
-    Group(nn::GroupNorm),
-    None,
-}
-
-impl NormLayer {
-    fn new(p: nn::Path, cfg: &ModelConfig, channels: i64) -> NormLayer {
-        match cfg.norm {
-            Norm::Batch => NormLayer::Batch(nn::batch_norm2d(
-                p,
-                channels,
-                nn::BatchNormConfig { momentum: BN_MOMENTUM, ..Default::default() },
-            )),
-            Norm::Group => NormLayer::Group(nn::group_norm(p, i64::from(cfg.groups), channels, Default::default())),
-            Norm::None => NormLayer::None,
-        }
-    }
-
-    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        match self {
-            NormLayer::Batch(bn) => bn.forward_t(x, train),
-            NormLayer::Group(gn) => gn.forward(x),
-            NormLayer::None => x.shallow_clone(),
-        }
-    }
-}
-
-/// Strided conv stack -> global average pool -> linear head (`embed_dim`).
+/// An image encoder: HRNet backbone, global head and dense head.
 pub struct ImageEncoder {
-    convs: Vec<(nn::Conv2D, NormLayer)>,
-    head: nn::Linear,
+    pub backbone: HrNet,
+    global_head: nn::Linear,
+    dense_head: nn::Conv2D,
 }
 
 impl ImageEncoder {
-    pub fn new(p: nn::Path, cfg: &ModelConfig, in_channels: i64) -> ImageEncoder {
-        let w = i64::from(cfg.width);
-        // (in, out, stride): three stride-2 stages then one stride-1 stage (output stride 8).
-        let stages = [(in_channels, w, 2), (w, 2 * w, 2), (2 * w, 4 * w, 2), (4 * w, 4 * w, 1)];
-        let convs = stages
-            .iter()
-            .enumerate()
-            .map(|(i, &(cin, cout, stride))| {
-                let conv_cfg =
-                    nn::ConvConfig { stride, padding: 1, bias: cfg.norm == Norm::None, ..Default::default() };
-                let conv = nn::conv2d(&p / format!("conv{i}"), cin, cout, 3, conv_cfg);
-                (conv, NormLayer::new(&p / format!("norm{i}"), cfg, cout))
-            })
-            .collect();
-        let head = nn::linear(&p / "head", 4 * w, i64::from(cfg.embed_dim), Default::default());
-        ImageEncoder { convs, head }
+    pub fn new(p: nn::Path, cfg: &ModelConfig, spec: &HrNetSpec, in_channels: i64) -> anyhow::Result<ImageEncoder> {
+        let upsample: Upsample = cfg.upsample.parse()?;
+        let backbone = HrNet::new(&p / "backbone", spec, in_channels, cfg.norm, cfg.groups, upsample);
+        let (c, d) = (spec.out_channels(), i64::from(cfg.embed_dim));
+        let global_head = nn::linear(&p / "global_head", c, d, Default::default());
+        let dense_head = nn::conv2d(&p / "dense_head", c, d, 1, Default::default());
+        Ok(ImageEncoder { backbone, global_head, dense_head })
     }
 
-    /// `x`: N x C x H x W -> N x embed_dim (before normalisation).
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut h = x.shallow_clone();
-        for (conv, norm) in &self.convs {
-            h = norm.forward(&conv.forward(&h), train).relu();
-        }
-        let pooled = h.mean_dim([2i64, 3].as_slice(), false, None::<Kind>);
-        self.head.forward(&pooled)
+    /// The four branch maps (strides 4, 8, 16, 32).
+    pub fn branches(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        self.backbone.forward_t(x, train)
+    }
+
+    /// Global embedding (N x embed_dim, before normalisation) from the branch maps.
+    pub fn global(&self, maps: &[Tensor]) -> Tensor {
+        let pooled: Vec<Tensor> = maps.iter().map(|m| m.mean_dim([2i64, 3].as_slice(), false, None::<Kind>)).collect();
+        self.global_head.forward(&Tensor::cat(&pooled, 1))
+    }
+
+    /// Dense map (N x embed_dim x h x w at stride 4, before normalisation) from the branch maps.
+    pub fn dense(&self, maps: &[Tensor]) -> Tensor {
+        let size = maps[0].size();
+        let (h, w) = (size[2], size[3]);
+        let mut all = vec![maps[0].shallow_clone()];
+        all.extend(maps[1..].iter().map(|m| m.upsample_bilinear2d([h, w], false, None, None)));
+        self.dense_head.forward(&Tensor::cat(&all, 1))
     }
 }
 
-/// Normalised 2D joints (J x 2, flattened) -> MLP -> embed_dim.
+/// The keypoint encoder: SemGCN over the skeleton, plus the skeleton global head.
 pub struct KeypointEncoder {
-    layers: Vec<nn::Linear>,
+    pub gcn: SemGcn,
+    global_head: nn::Linear,
 }
 
 impl KeypointEncoder {
-    pub fn new(p: nn::Path, cfg: &ModelConfig, joints: i64) -> KeypointEncoder {
-        let h = i64::from(cfg.keypoint_hidden);
-        let layers = vec![
-            nn::linear(&p / "fc0", 2 * joints, h, Default::default()),
-            nn::linear(&p / "fc1", h, h, Default::default()),
-            nn::linear(&p / "fc2", h, i64::from(cfg.embed_dim), Default::default()),
-        ];
-        KeypointEncoder { layers }
+    pub fn new(p: nn::Path, cfg: &ModelConfig, layout: KeypointLayout) -> KeypointEncoder {
+        let d = i64::from(cfg.embed_dim);
+        let gcn = SemGcn::new(
+            &p / "gcn",
+            layout,
+            i64::from(cfg.keypoint_hidden),
+            d,
+            cfg.keypoint_blocks as usize,
+            cfg.norm,
+            cfg.groups,
+        );
+        let global_head = nn::linear(&p / "global_head", d, d, Default::default());
+        KeypointEncoder { gcn, global_head }
     }
 
-    /// `x`: N x (2J) -> N x embed_dim (before normalisation).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let last = self.layers.len() - 1;
-        let mut h = x.shallow_clone();
-        for (i, l) in self.layers.iter().enumerate() {
-            h = l.forward(&h);
-            if i < last {
-                h = h.relu();
-            }
-        }
-        h
+    /// `x`: N x J x 2 normalised joints -> (global embedding N x embed_dim, per-joint outputs
+    /// N x J x embed_dim), both before normalisation.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let g = self.gcn.forward_t(x, train);
+        let z = self.global_head.forward(&g.mean_dim([1i64].as_slice(), false, None::<Kind>));
+        (z, g)
     }
 }
 
@@ -127,16 +111,22 @@ pub fn kind_of(dtype: Dtype) -> Kind {
 
 impl Model {
     /// Builds the model with weights drawn from libtorch's generator seeded by `seed`.
-    pub fn new(cfg: &ModelConfig, joints: i64, seed: u64, device: Device) -> Model {
+    pub fn new(cfg: &ModelConfig, layout: KeypointLayout, seed: u64, device: Device) -> anyhow::Result<Model> {
+        let spec = HrNetSpec::by_name(&cfg.backbone)?;
         tch::manual_seed(seed as i64);
         let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        let rgb = ImageEncoder::new(&root / "rgb", cfg, 3);
-        let depth = ImageEncoder::new(&root / "depth", cfg, 1);
-        let kp = KeypointEncoder::new(&root / "kp", cfg, joints);
+        let rgb = ImageEncoder::new(&root / "rgb", cfg, &spec, 3)?;
+        let depth = ImageEncoder::new(&root / "depth", cfg, &spec, 1)?;
+        let kp = KeypointEncoder::new(&root / "kp", cfg, layout);
         let kind = kind_of(cfg.dtype);
         vs.set_kind(kind);
-        Model { vs, rgb, depth, kp, kind, embed_dim: i64::from(cfg.embed_dim) }
+        Ok(Model { vs, rgb, depth, kp, kind, embed_dim: i64::from(cfg.embed_dim) })
+    }
+
+    /// Whether a variable belongs to a dense head (new in stage 2: not loaded from stage 1).
+    pub fn is_dense_head(name: &str) -> bool {
+        name.starts_with("rgb.dense_head.") || name.starts_with("depth.dense_head.")
     }
 
     /// Trainable parameters in name order.
@@ -191,13 +181,18 @@ pub fn unflatten_into(flat: &Tensor, targets: &[Tensor]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hcmoco_data::KeypointLayout;
     use hcmoco_proto::config::ModelConfig;
+
+    fn small() -> ModelConfig {
+        ModelConfig { backbone: "hrnet_small".into(), embed_dim: 8, keypoint_hidden: 8, ..Default::default() }
+    }
 
     #[test]
     fn same_seed_same_weights_and_stable_order() {
-        let cfg = ModelConfig { width: 4, embed_dim: 8, keypoint_hidden: 8, ..Default::default() };
-        let a = Model::new(&cfg, 16, 3, Device::Cpu);
-        let b = Model::new(&cfg, 16, 3, Device::Cpu);
+        let cfg = small();
+        let a = Model::new(&cfg, KeypointLayout::Mpii16, 3, Device::Cpu).expect("model");
+        let b = Model::new(&cfg, KeypointLayout::Mpii16, 3, Device::Cpu).expect("model");
         let (pa, pb) = (a.parameters(), b.parameters());
         assert_eq!(pa.len(), pb.len());
         for ((na, ta), (nb, tb)) in pa.iter().zip(&pb) {
@@ -207,7 +202,18 @@ mod tests {
         // BatchNorm configuration: running statistics are buffers, not parameters.
         assert!(a.buffers().iter().any(|(n, _)| n.ends_with("running_mean")));
         let x = Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu));
-        assert_eq!(a.rgb.forward(&x, true).size(), vec![2, 8]);
+        let maps = a.rgb.branches(&x, true);
+        assert_eq!(a.rgb.global(&maps).size(), vec![2, 8]);
+        assert_eq!(a.rgb.dense(&maps).size(), vec![2, 8, 8, 8], "stride 4");
+        let kp = Tensor::rand([2, 16, 2], (Kind::Float, Device::Cpu));
+        let (z, g) = a.kp.forward_t(&kp, true);
+        assert_eq!((z.size(), g.size()), (vec![2, 8], vec![2, 16, 8]));
+        // The heads' names are the ones export and the Python reference rely on.
+        let names: Vec<String> = a.state().into_iter().map(|(n, _)| n).collect();
+        for want in ["rgb.global_head.weight", "rgb.dense_head.bias", "depth.backbone.conv1.weight", "kp.global_head.bias"] {
+            assert!(names.iter().any(|n| n == want), "{want} missing");
+        }
+        assert!(Model::is_dense_head("depth.dense_head.weight") && !Model::is_dense_head("rgb.global_head.weight"));
     }
 
     #[test]

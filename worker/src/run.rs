@@ -21,12 +21,13 @@ use tch::{Device, Tensor};
 use tokio::runtime::{Handle, Runtime};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::batch;
+use crate::batch::{self, BatchOptions, SampleTag};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, connect_cpu_with};
 use crate::loader::{Loader, Request};
 use crate::model::Model;
-use crate::train::{Trainer, term_names};
+use crate::loss::MemoryBank;
+use crate::train::{Banks, Objective, Trainer, Variant};
 use hcmoco_data::augment::AugmentConfig;
 
 /// How a worker process is started.
@@ -394,6 +395,16 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     });
 
     let epoch_len: u64 = datasets.iter().map(Dataset::len).sum();
+    // Global sample ids: each dataset's samples follow those of the datasets before it.
+    let dataset_offsets: Vec<i64> = datasets
+        .iter()
+        .scan(0i64, |next, d| {
+            let start = *next;
+            *next += d.len() as i64;
+            Some(start)
+        })
+        .collect();
+    let eligible = (cfg.loss.variant == "memory_bank").then(|| bank_eligibility(&datasets, &dataset_offsets));
     let mut loader = Loader::new(Arc::new(datasets), augment_cfg, cfg.seed, cfg.data.loader_threads as usize);
     let timeout = Duration::from_millis(cfg.collective.timeout_ms);
     // Device: --device, else the local rank's GPU for NCCL (ranks sharing a host), else the CPU.
@@ -435,16 +446,36 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     };
     // A stop from the coordinator (job failed or cancelled) aborts a collective this rank is blocked in.
     ctx.stop.set_abort(comm.abort_handle());
-    let model = Model::new(&cfg.model, first.layout.num_joints() as i64, cfg.seed, device);
+    let model = Model::new(&cfg.model, first.layout, cfg.seed, device)?;
     let bucket_bytes = (cfg.collective.bucket_mb * 1048576.0) as usize;
+    let objective = Objective {
+        stage: cfg.loss.stage,
+        variant: if cfg.loss.variant == "memory_bank" { Variant::MemoryBank } else { Variant::InBatch },
+        temperature: cfg.loss.temperature,
+        negatives: cfg.loss.negatives as usize,
+        seed: cfg.seed,
+    };
+    let banks = eligible.map(|eligible| Banks {
+        bank: MemoryBank::new(epoch_len as i64, i64::from(cfg.model.embed_dim), cfg.seed, model.kind, device),
+        eligible,
+    });
+    let joints = first.layout.num_joints() as i64;
     let mut trainer = Trainer::new(
         model,
         comm,
         cfg.optimizer.momentum,
         cfg.optimizer.weight_decay,
-        cfg.loss.temperature,
+        objective,
+        banks,
+        joints,
         bucket_bytes,
     );
+    trainer.autocast = cfg.runtime.autocast == "bf16";
+    if !cfg.model.init_checkpoint.is_empty() {
+        init_from_checkpoint(&mut trainer, std::path::Path::new(&cfg.model.init_checkpoint))
+            .with_context(|| format!("model.init_checkpoint = {:?}", cfg.model.init_checkpoint))?;
+    }
+    // Rank 0's state wins everywhere (the banks are identical: same seed, same initialisation).
     trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
     eprintln!("rank {rank}: ring formed, weights synchronised");
 
@@ -455,7 +486,14 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     };
     let mut prefetched: Option<pb::FetchWorkResponse> = None;
     let skip_bad = cfg.data.on_error == "skip";
-    let names = term_names();
+    let names = trainer.objective.term_names();
+    let batch_opts = BatchOptions {
+        layout: first.layout,
+        image_size,
+        kind: trainer.model.kind,
+        dicl_points: if cfg.loss.stage == 2 { cfg.loss.dicl_points as usize } else { 0 },
+        seed: cfg.seed,
+    };
     let mut step = a.start_step;
     let mut last_loss = None;
     loop {
@@ -484,10 +522,15 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             prefetched = Some(next);
         }
         let mut samples = Vec::new();
+        let mut tags = Vec::new();
         let mut skipped = 0u32;
-        for loaded in loader.take(step)? {
+        for (loaded, s) in loader.take(step)?.into_iter().zip(&work.samples) {
             match loaded {
-                Ok(sample) => samples.push(sample),
+                Ok(sample) => {
+                    samples.push(sample);
+                    let offset = dataset_offsets.get(s.dataset as usize).copied().unwrap_or_default();
+                    tags.push(SampleTag { id: offset + s.index as i64, epoch: work.epoch, slot: s.slot });
+                }
                 // Skipped samples are logged (shard and key) and counted in the job's status.
                 Err(e) if skip_bad => {
                     skipped += 1;
@@ -496,7 +539,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 Err(e) => return Err(e.context(format!("step {step}: loading (data.on_error = \"fail\")"))),
             }
         }
-        let batch = batch::build(&samples, first.layout, image_size, trainer.model.kind)
+        let batch = batch::build(&samples, &tags, &batch_opts)
             .with_context(|| format!("step {step}: cannot build the batch"))?
             .to_device(device);
         let data_time = t0.elapsed();
@@ -543,6 +586,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
                 &meta,
                 &trainer.model.state_on_cpu(),
                 &trainer.opt.state().into_iter().map(|(n, t)| (n, t.to_device(Device::Cpu))).collect::<Vec<_>>(),
+                &trainer.banks.as_ref().map(Banks::state_on_cpu).unwrap_or_default(),
                 &ctx.job_toml,
             )
             .with_context(|| format!("step {done_steps}: checkpoint"))?;
@@ -581,11 +625,65 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
     if let Some(dir) = &ctx.dump_state {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("rank-{rank}.safetensors"));
-        let state: Vec<(String, Tensor)> = trainer.model.state_on_cpu();
+        let mut state: Vec<(String, Tensor)> = trainer.model.state_on_cpu();
+        if let Some(b) = &trainer.banks {
+            state.extend(b.state_on_cpu());
+        }
         Tensor::write_safetensors(&state, &path).with_context(|| format!("cannot write {}", path.display()))?;
     }
     eprintln!("rank {rank}: finished at step {step}");
     Ok(RunSummary { job_id: ctx.job_id, worker_id: ctx.worker_id, rank, steps: step, last_loss })
+}
+
+/// Per modality, the global ids of the samples that have it (memory-bank negatives are drawn from
+/// these): every sample has RGB and keypoints; depth is taken per shard from the manifest (a shard
+/// with some samples with depth counts all of its samples).
+fn bank_eligibility(datasets: &[Dataset], offsets: &[i64]) -> [Vec<i64>; 3] {
+    let all: Vec<i64> = (0..datasets.iter().map(|d| d.len() as i64).sum()).collect();
+    let mut depth = Vec::new();
+    for (d, &offset) in datasets.iter().zip(offsets) {
+        let mut start = offset;
+        for shard in &d.manifest().shards {
+            if shard.with_depth > 0 {
+                depth.extend(start..start + shard.samples as i64);
+            }
+            start += shard.samples as i64;
+        }
+    }
+    [all.clone(), depth, all]
+}
+
+/// Stage 2's start: every variable of the stage-1 checkpoint but the dense heads (new in stage 2),
+/// and the memory banks when this job uses them. A missing, extra or mis-shaped tensor is refused,
+/// naming it.
+fn init_from_checkpoint(trainer: &mut Trainer, path: &std::path::Path) -> anyhow::Result<()> {
+    let dir = if path.join("meta.json").is_file() {
+        path.to_path_buf()
+    } else {
+        checkpoint::latest(path).with_context(|| format!("{} is neither a checkpoint nor holds a `latest` one", path.display()))?
+    };
+    let (meta, model, _opt, banks) = checkpoint::read(&dir)?;
+    let wanted: Vec<(String, Tensor)> =
+        trainer.model.state().into_iter().filter(|(n, _)| !Model::is_dense_head(n)).collect();
+    let given: Vec<(String, Tensor)> = model.into_iter().filter(|(n, _)| !Model::is_dense_head(n)).collect();
+    let expected: Vec<(String, Vec<i64>)> = wanted.iter().map(|(n, t)| (n.clone(), t.size())).collect();
+    crate::weights::check_names_and_shapes(&format!("{}/model.safetensors", dir.display()), &expected, &given)?;
+    {
+        let _guard = tch::no_grad_guard();
+        let by_name: std::collections::HashMap<&str, &Tensor> = given.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        for (name, var) in &wanted {
+            let mut var = var.shallow_clone();
+            var.copy_(by_name[name.as_str()]);
+        }
+    }
+    if let Some(target) = &mut trainer.banks {
+        let banks = banks.with_context(|| {
+            format!("{} has no memory banks (banks.safetensors): was stage 1 trained with loss.variant = \"memory_bank\"?", dir.display())
+        })?;
+        target.load(&banks, &format!("{}/banks.safetensors", dir.display()))?;
+    }
+    eprintln!("initialised from {} (step {}; dense heads new)", dir.display(), meta.step);
+    Ok(())
 }
 
 /// The loader requests of one step's work, after checking that the coordinator's slice is consistent.

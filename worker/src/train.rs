@@ -1,32 +1,107 @@
 //! One training step across ranks, done right.
 //!
-//! 1. Forward this rank's slice through the encoders (depth only for samples that have it).
-//! 2. All-gather the embeddings and modality masks of every rank (one collective), in slot order.
-//! 3. Compute this rank's share of the loss with the gathered embeddings as fresh leaves; the gradient
-//!    of the share with respect to every gathered row comes out.
-//! 4. All-reduce (sum) those embedding gradients: each rank now holds the single-process gradient of
-//!    its own rows, and backpropagates it through its encoders.
+//! 1. Forward this rank's slice through the encoders (depth only for samples that have it), under
+//!    bfloat16 autocast when asked; stage 2 also computes the dense maps and each joint's cell
+//!    features.
+//! 2. All-gather, in one collective and in slot order, what the cross-sample terms need from every
+//!    rank: the global embeddings, the joint cell features (stage 2), and per sample its modality
+//!    masks, rank, anchor counts and global id.
+//! 3. Compute this rank's share of the cross-sample terms (the six sample-level terms, in-batch or
+//!    against the memory banks, and SSCL part 2) with the gathered rows as fresh leaves: the gradient
+//!    of the share with respect to every gathered row comes out. The intra-sample terms (DICL, SSCL
+//!    part 1) need nothing from other ranks but their global anchor counts, which the gather brought.
+//! 4. All-reduce (sum) the gradients of the gathered rows: each rank now holds the single-process
+//!    gradient of its own rows, and backpropagates it, together with its intra-sample shares, through
+//!    its encoders in one backward pass.
 //! 5. All-reduce (sum, not average) the parameter gradients, fused into fixed-size buckets in the
 //!    same order on every rank (a parameter without a gradient this step is packed as zeros), and the
-//!    six term values.
-//! 6. SGD step (identical on every rank), then broadcast BatchNorm running statistics from rank 0.
+//!    term values.
+//! 6. SGD step (identical on every rank), broadcast of the normalisation statistics from rank 0, and,
+//!    in the memory-bank variant, the bank update from the gathered features in global slot order
+//!    (identical on every rank, so the banks stay bit-identical).
 
 use std::time::{Duration, Instant};
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::batch::Batch;
 use crate::buckets::BucketPlan;
 use crate::comm::{CommError, Communicator};
-use crate::loss::{self, TERMS};
+use crate::loss::{self, MemoryBank, Modality, TERMS};
 use crate::model::{Model, flatten, unflatten_into};
 use crate::optim::Sgd;
+
+/// Names of the stage-2 terms, after the six sample-level ones.
+pub const DENSE_TERMS: [&str; 5] = ["dicl_r2d", "dicl_d2r", "sscl_r2k", "sscl_d2k", "sscl_cross"];
+
+/// The sample-level variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    InBatch,
+    MemoryBank,
+}
+
+/// What the step optimises.
+#[derive(Debug, Clone)]
+pub struct Objective {
+    /// 1: sample-level terms; 2: all terms.
+    pub stage: u32,
+    pub variant: Variant,
+    pub temperature: f64,
+    /// Memory bank: negatives per anchor.
+    pub negatives: usize,
+    /// The job's seed (negative draws).
+    pub seed: u64,
+}
+
+impl Objective {
+    /// The names of the terms this objective reports, in order.
+    pub fn term_names(&self) -> Vec<&'static str> {
+        let mut names: Vec<&'static str> = TERMS.iter().map(|t| t.0).collect();
+        if self.stage == 2 {
+            names.extend(DENSE_TERMS);
+        }
+        names
+    }
+}
+
+/// The memory-bank state of a trainer: the banks and, per modality, the global ids of the samples
+/// that have it (the rows negatives are drawn from).
+pub struct Banks {
+    pub bank: MemoryBank,
+    pub eligible: [Vec<i64>; 3],
+}
+
+/// Names of the banks in checkpoints and state dumps, in [`Modality`] order.
+pub const BANK_NAMES: [&str; 3] = ["bank.rgb", "bank.depth", "bank.kp"];
+
+impl Banks {
+    /// The banks, copied to the CPU, named [`BANK_NAMES`].
+    pub fn state_on_cpu(&self) -> Vec<(String, Tensor)> {
+        BANK_NAMES.iter().zip(&self.bank.banks).map(|(n, t)| (n.to_string(), t.detach().to_device(Device::Cpu))).collect()
+    }
+
+    /// Replaces the banks with `state`'s (names [`BANK_NAMES`]); a missing, extra or mis-shaped bank is
+    /// an error naming it.
+    pub fn load(&mut self, state: &[(String, Tensor)], what: &str) -> anyhow::Result<()> {
+        let expected: Vec<(String, Vec<i64>)> =
+            BANK_NAMES.iter().zip(&self.bank.banks).map(|(n, t)| (n.to_string(), t.size())).collect();
+        crate::weights::check_names_and_shapes(what, &expected, state)?;
+        let _guard = tch::no_grad_guard();
+        for (name, bank) in BANK_NAMES.iter().zip(&mut self.bank.banks) {
+            if let Some((_, t)) = state.iter().find(|(n, _)| n == name) {
+                bank.copy_(t);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// What one step produced.
 #[derive(Debug, Clone)]
 pub struct StepOutcome {
-    /// Global value of each term (same on every rank), in [`TERMS`] order.
-    pub terms: [f64; 6],
+    /// Global value of each term (same on every rank), in [`Objective::term_names`] order.
+    pub terms: Vec<f64>,
     pub total: f64,
     pub compute: Duration,
     pub comm: Duration,
@@ -50,7 +125,13 @@ pub struct Trainer {
     pub model: Model,
     pub opt: Sgd,
     pub comm: Box<dyn Communicator>,
-    pub temperature: f64,
+    pub objective: Objective,
+    /// Present in the memory-bank variant.
+    pub banks: Option<Banks>,
+    /// Joints of the job's keypoint layout.
+    pub joints: i64,
+    /// bfloat16 autocast around the encoders' forward.
+    pub autocast: bool,
     /// Gradient fusion plan over the parameters (name order).
     pub buckets: BucketPlan,
 }
@@ -68,20 +149,63 @@ impl Clock {
     }
 }
 
+/// Columns of per-sample metadata in the gathered rows, after the three embeddings.
+const META: i64 = 7;
+const META_HAS_DEPTH: usize = 0;
+const META_HAS_KP: usize = 1;
+const META_RANK: usize = 2;
+const META_DICL: usize = 3;
+const META_VIS_KP: usize = 4;
+const META_ID_HI: usize = 5;
+const META_ID_LO: usize = 6;
+/// Global ids travel as two columns below 2^20 each, exact in float32.
+const ID_SPLIT: i64 = 1 << 20;
+
+/// The forward pass of one rank's slice.
+struct Forward {
+    z_rgb: Tensor,
+    /// b_d x D: the samples with depth only.
+    z_depth: Option<Tensor>,
+    z_kp: Tensor,
+    /// Stage 2: dense maps and per-joint outputs.
+    dense: Option<DenseForward>,
+}
+
+struct DenseForward {
+    f_rgb: Tensor,
+    f_depth: Option<Tensor>,
+    /// b x J x D keypoint-encoder joint outputs.
+    g: Tensor,
+    /// b x J x D and b_d x J x D: the dense features at each joint's cell.
+    cell_rgb: Tensor,
+    cell_depth: Option<Tensor>,
+}
+
+fn bools(v: &[bool], device: Device) -> Tensor {
+    Tensor::from_slice(&v.iter().map(|&x| u8::from(x)).collect::<Vec<u8>>()).to_device(device).to_kind(Kind::Bool)
+}
+
+fn index(v: &[i64], device: Device) -> Tensor {
+    Tensor::from_slice(v).to_device(device)
+}
+
 impl Trainer {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: Model,
         comm: Box<dyn Communicator>,
         momentum: f64,
         weight_decay: f64,
-        temperature: f64,
+        objective: Objective,
+        banks: Option<Banks>,
+        joints: i64,
         bucket_bytes: usize,
     ) -> Trainer {
         let params = model.parameters();
         let opt = Sgd::new(&params, momentum, weight_decay);
         let shapes: Vec<Vec<i64>> = params.iter().map(|(_, p)| p.size()).collect();
         let buckets = BucketPlan::new(&shapes, model.kind, model.vs.device(), bucket_bytes);
-        Trainer { model, opt, comm, temperature, buckets }
+        Trainer { model, opt, comm, objective, banks, joints, autocast: false, buckets }
     }
 
     /// Makes every rank start from rank 0's parameters and buffers.
@@ -93,6 +217,52 @@ impl Trainer {
         Ok(())
     }
 
+    fn forward(&self, batch: &Batch) -> Forward {
+        let kind = self.model.kind;
+        let dev = self.model.vs.device();
+        let (b, dim) = (batch.len() as i64, self.model.embed_dim);
+        let stage2 = self.objective.stage == 2;
+        let empty = |shape: &[i64]| Tensor::zeros(shape, (kind, dev));
+        if b == 0 {
+            // A rank whose slice is empty (a small last batch) runs no forward but joins every collective.
+            return Forward {
+                z_rgb: empty(&[0, dim]),
+                z_depth: None,
+                z_kp: empty(&[0, dim]),
+                dense: stage2.then(|| DenseForward {
+                    f_rgb: empty(&[0, dim, 1, 1]),
+                    f_depth: None,
+                    g: empty(&[0, self.joints, dim]),
+                    cell_rgb: empty(&[0, self.joints, dim]),
+                    cell_depth: None,
+                }),
+            };
+        }
+        crate::autocast::bf16(self.autocast, dev, || {
+            let maps = self.model.rgb.branches(&batch.rgb, true);
+            let z_rgb = self.model.rgb.global(&maps).to_kind(kind);
+            let f_rgb = stage2.then(|| self.model.rgb.dense(&maps).to_kind(kind));
+            drop(maps);
+            let (z_depth, f_depth) = if batch.depth_rows.is_empty() {
+                (None, None)
+            } else {
+                let maps = self.model.depth.branches(&batch.depth, true);
+                let z = self.model.depth.global(&maps).to_kind(kind);
+                (Some(z), stage2.then(|| self.model.depth.dense(&maps).to_kind(kind)))
+            };
+            let (z_kp, g) = self.model.kp.forward_t(&batch.keypoints, true);
+            let (z_kp, g) = (z_kp.to_kind(kind), g.to_kind(kind));
+            let dense = f_rgb.map(|f_rgb| {
+                let cell_rgb = loss::cell_features(&f_rgb, &batch.joint_cells);
+                let cell_depth = f_depth.as_ref().map(|f| {
+                    loss::cell_features(f, &batch.joint_cells.index_select(0, &index(&batch.depth_rows, dev)))
+                });
+                DenseForward { f_rgb, f_depth, g, cell_rgb, cell_depth }
+            });
+            Forward { z_rgb, z_depth, z_kp, dense }
+        })
+    }
+
     /// Trains one step on this rank's `batch`. Where this rank's rows sit in the global batch comes
     /// from the gather itself (every row carries its rank), so ranks may bring fewer rows than the
     /// plan gave them (samples skipped under `data.on_error = "skip"`). `expected`, when given, is the
@@ -102,65 +272,144 @@ impl Trainer {
         let mut clock = Clock { comm: Duration::ZERO };
         let kind = self.model.kind;
         let b = batch.len() as i64;
-        let dim = self.model.embed_dim;
+        let (dim, joints) = (self.model.embed_dim, self.joints);
         let dev = self.model.vs.device();
+        let tau = self.objective.temperature;
+        let stage2 = self.objective.stage == 2;
+        let depth_rows = index(&batch.depth_rows, dev);
 
         // 1. Local forward.
-        // A rank whose slice is empty (a small last batch) runs no forward but joins every collective.
-        let empty = || Tensor::zeros([0, dim], (kind, dev));
-        let z_rgb = if b > 0 { self.model.rgb.forward(&batch.rgb, true) } else { empty() };
-        let depth_rows = Tensor::from_slice(&batch.depth_rows).to_device(dev);
-        let z_depth_c =
-            if batch.depth_rows.is_empty() { None } else { Some(self.model.depth.forward(&batch.depth, true)) };
-        let z_depth = match &z_depth_c {
-            Some(zc) => Tensor::zeros([b, dim], (kind, dev)).index_copy(0, &depth_rows, zc),
+        let fwd = self.forward(batch);
+        let scatter_depth = |rows: &Tensor, shape: &[i64]| {
+            Tensor::zeros(shape, (kind, dev)).index_copy(0, &depth_rows, &rows.detach())
+        };
+        let z_depth_full = match &fwd.z_depth {
+            Some(z) => scatter_depth(z, &[b, dim]),
             None => Tensor::zeros([b, dim], (kind, dev)),
         };
-        let z_kp = if b > 0 { self.model.kp.forward(&batch.keypoints) } else { empty() };
+        // Joints that can anchor SSCL part 1: visible, of a sample with the keypoint modality.
+        let vis: Vec<bool> = (0..batch.len() * joints as usize)
+            .map(|k| batch.joint_visible[k] && batch.has_keypoints[k / joints as usize])
+            .collect();
+        let vis_kp_counts: Vec<f64> = vis.chunks(joints.max(1) as usize).map(|c| c.iter().filter(|&&v| v).count() as f64).collect();
+        let mut dicl_counts = vec![0.0f64; batch.len()];
+        for &r in &batch.dicl_rows {
+            dicl_counts[batch.depth_rows[r as usize] as usize] = batch.dicl_cells.size()[1] as f64;
+        }
 
-        // 2. Gather embeddings and masks of the global batch.
-        let mask = |v: &[bool]| {
-            Tensor::from_slice(&v.iter().map(|&x| if x { 1.0 } else { 0.0 }).collect::<Vec<f64>>())
-                .to_kind(kind)
-                .to_device(dev)
-                .view([b, 1])
-        };
-        let rank_col = Tensor::full([b, 1], self.comm.rank() as f64, (kind, dev));
-        let local = Tensor::cat(
-            &[
-                z_rgb.detach(),
-                z_depth.detach(),
-                z_kp.detach(),
-                mask(&batch.has_depth),
-                mask(&batch.has_keypoints),
-                rank_col,
-            ],
-            1,
-        );
+        // 2. Gather what the cross-sample terms need.
+        let col = |v: Vec<f64>| Tensor::from_slice(&v).to_kind(kind).to_device(dev).view([b, 1]);
+        let flag = |v: &[bool]| col(v.iter().map(|&x| f64::from(u8::from(x))).collect());
+        let mut parts = vec![
+            fwd.z_rgb.detach(),
+            z_depth_full,
+            fwd.z_kp.detach(),
+            flag(&batch.has_depth),
+            flag(&batch.has_keypoints),
+            Tensor::full([b, 1], self.comm.rank() as f64, (kind, dev)),
+            col(dicl_counts),
+            col(vis_kp_counts),
+            col(batch.ids.iter().map(|&id| (id / ID_SPLIT) as f64).collect()),
+            col(batch.ids.iter().map(|&id| (id % ID_SPLIT) as f64).collect()),
+        ];
+        if let Some(d) = &fwd.dense {
+            parts.push(d.cell_rgb.detach().reshape([b, joints * dim]));
+            parts.push(match &d.cell_depth {
+                Some(c) => scatter_depth(c, &[b, joints, dim]).reshape([b, joints * dim]),
+                None => Tensor::zeros([b, joints * dim], (kind, dev)),
+            });
+            parts.push(
+                bools(&batch.joint_visible, dev).to_kind(kind).view([b, joints]),
+            );
+        }
+        let local = Tensor::cat(&parts, 1);
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
-        // The trailing columns (has depth, has keypoints, rank) in one copy to the host.
         let meta = Vec::<f64>::try_from(
-            &gathered.narrow(1, 3 * dim, 3).reshape([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu),
+            &gathered.narrow(1, 3 * dim, META).reshape([-1]).to_kind(Kind::Double).to_device(Device::Cpu),
         )
         .map_err(|e| StepError::Tensor(format!("reading the gathered masks and ranks: {e}")))?;
-        let column = |c: usize| meta.iter().skip(c).step_by(3).copied();
-        let ranks: Vec<f64> = column(2).collect();
+        let column = |c: usize| meta.iter().skip(c).step_by(META as usize).copied();
+        let ranks: Vec<f64> = column(META_RANK).collect();
         let offset = ranks.iter().filter(|&&r| (r as usize) < self.comm.rank()).count();
         if let Some((want_offset, want_rows)) = expected
             && (rows != want_rows as i64 || offset != want_offset)
         {
             return Err(StepError::RowMismatch { got: rows, want: want_rows as i64 });
         }
-        let leaves: [Tensor; 3] =
-            std::array::from_fn(|m| gathered.narrow(1, m as i64 * dim, dim).detach().set_requires_grad(true));
-        let has =
-            [vec![true; rows as usize], column(0).map(|x| x > 0.5).collect(), column(1).map(|x| x > 0.5).collect()];
+        let local_range = offset..offset + batch.len();
+        let g_has_depth: Vec<bool> = column(META_HAS_DEPTH).map(|x| x > 0.5).collect();
+        let g_has_kp: Vec<bool> = column(META_HAS_KP).map(|x| x > 0.5).collect();
+        let has = [vec![true; rows as usize], g_has_depth.clone(), g_has_kp.clone()];
+        let g_ids: Vec<i64> =
+            column(META_ID_HI).zip(column(META_ID_LO)).map(|(hi, lo)| hi as i64 * ID_SPLIT + lo as i64).collect();
 
-        // 3. This rank's share; gradient with respect to every gathered row.
-        let share = loss::sample_level_share(&leaves, &has, offset..offset + batch.len(), self.temperature);
-        let emb_grads: Vec<Tensor> = if share.total.requires_grad() {
-            Tensor::run_backward(&[&share.total], &leaves, false, false)
+        // 3. Cross-sample shares on leaves.
+        let mut leaves: Vec<Tensor> =
+            (0..3).map(|m| gathered.narrow(1, m * dim, dim).detach().set_requires_grad(true)).collect();
+        let cell_base = 3 * dim + META;
+        if stage2 {
+            for m in 0..2 {
+                let block = gathered.narrow(1, cell_base + m * joints * dim, joints * dim);
+                leaves.push(block.detach().reshape([rows, joints, dim]).set_requires_grad(true));
+            }
+        }
+        let z_leaves: [Tensor; 3] = std::array::from_fn(|m| leaves[m].shallow_clone());
+        let (mut cross_total, mut values) = match (self.objective.variant, &self.banks) {
+            (Variant::InBatch, _) => {
+                let share = loss::sample_level_share(&z_leaves, &has, local_range.clone(), tau);
+                (share.total, share.terms.to_vec())
+            }
+            (Variant::MemoryBank, Some(banks)) => {
+                let shares = self.bank_shares(banks, &z_leaves, &has, &g_ids, batch, local_range.clone());
+                let values = shares.iter().map(|t| t.double_value(&[])).collect();
+                (Tensor::stack(&shares, 0).sum(None::<Kind>), values)
+            }
+            (Variant::MemoryBank, None) => {
+                return Err(StepError::Tensor("the memory-bank variant needs banks".into()));
+            }
+        };
+        let mut sscl_cross = None;
+        if stage2 {
+            let g_vis: Vec<bool> = {
+                let block = gathered.narrow(1, cell_base + 2 * joints * dim, joints).reshape([-1]);
+                Vec::<f64>::try_from(&block.to_kind(Kind::Double).to_device(Device::Cpu))
+                    .map_err(|e| StepError::Tensor(format!("reading the gathered joint visibility: {e}")))?
+                    .into_iter()
+                    .map(|x| x > 0.5)
+                    .collect()
+            };
+            // Rows of SSCL part 2: r_j of every visible joint, then d_j of every visible joint of a
+            // sample with depth; anchors are this rank's samples' rows.
+            let (mut sel_r, mut sel_d, mut joint_r, mut joint_d, mut anchor_r, mut anchor_d) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            for i in 0..rows as usize {
+                for j in 0..joints as usize {
+                    if g_vis[i * joints as usize + j] {
+                        let flat = (i * joints as usize + j) as i64;
+                        sel_r.push(flat);
+                        joint_r.push(j as i64);
+                        anchor_r.push(local_range.contains(&i));
+                        if g_has_depth[i] {
+                            sel_d.push(flat);
+                            joint_d.push(j as i64);
+                            anchor_d.push(local_range.contains(&i));
+                        }
+                    }
+                }
+            }
+            let pick = |leaf: &Tensor, sel: &[i64]| leaf.reshape([rows * joints, dim]).index_select(0, &index(sel, dev));
+            let all_rows = Tensor::cat(&[pick(&leaves[3], &sel_r), pick(&leaves[4], &sel_d)], 0);
+            joint_r.extend(joint_d);
+            anchor_r.extend(anchor_d);
+            let (share, _) = loss::sscl_part2_share(&all_rows, &joint_r, &anchor_r, tau);
+            sscl_cross = Some(share);
+        }
+        if let Some(t) = &sscl_cross {
+            cross_total = cross_total + t;
+        }
+        let leaf_grads: Vec<Tensor> = if cross_total.requires_grad() {
+            Tensor::run_backward(&[&cross_total], &leaves, false, false)
                 .into_iter()
                 .zip(&leaves)
                 .map(|(g, l)| if g.defined() { g } else { l.zeros_like() })
@@ -169,18 +418,67 @@ impl Trainer {
             leaves.iter().map(|l| l.zeros_like()).collect()
         };
 
-        // 4. Sum embedding gradients over ranks; backpropagate our rows through the encoders.
-        let mut g = Tensor::cat(&emb_grads, 1);
-        clock.time(|| self.comm.all_reduce_sum(&mut g))?;
-        let mine = g.narrow(0, offset as i64, b);
+        // Intra-sample shares (stage 2), on the local graph, with global anchor counts.
+        let mut intra: Vec<Tensor> = Vec::new();
+        if let Some(d) = &fwd.dense {
+            let global = |c: usize| column(c).sum::<f64>() as usize;
+            let dicl_anchors = global(META_DICL);
+            let (r2d, d2r) = match &d.f_depth {
+                Some(f_depth) if !batch.dicl_rows.is_empty() => {
+                    let dicl_rows = index(&batch.dicl_rows, dev);
+                    let f_r = d.f_rgb.index_select(0, &depth_rows.index_select(0, &dicl_rows));
+                    let f_d = f_depth.index_select(0, &dicl_rows);
+                    loss::dicl_share(&f_r, &f_d, &batch.dicl_cells, tau, dicl_anchors)
+                }
+                _ => (Tensor::zeros([], (kind, dev)), Tensor::zeros([], (kind, dev))),
+            };
+            let vis_t = bools(&vis, dev).view([b, joints]);
+            let r2k = loss::sscl_part1_share(&d.cell_rgb, &d.g, &vis_t, tau, global(META_VIS_KP));
+            let d2k_anchors: usize = column(META_VIS_KP)
+                .zip(g_has_depth.iter())
+                .filter(|(_, h)| **h)
+                .map(|(n, _)| n as usize)
+                .sum();
+            let d2k = match &d.cell_depth {
+                Some(cell_depth) => loss::sscl_part1_share(
+                    cell_depth,
+                    &d.g.index_select(0, &depth_rows),
+                    &vis_t.index_select(0, &depth_rows),
+                    tau,
+                    d2k_anchors,
+                ),
+                None => Tensor::zeros([], (kind, dev)),
+            };
+            intra = vec![r2d, d2r, r2k, d2k];
+        }
+
+        // 4. Sum the gathered rows' gradients over ranks; backpropagate our rows and the intra-sample
+        //    shares through the encoders.
+        let mut flat_grads =
+            Tensor::cat(&leaf_grads.iter().map(|g| g.reshape([rows, -1])).collect::<Vec<_>>(), 1);
+        clock.time(|| self.comm.all_reduce_sum(&mut flat_grads))?;
+        let mine = flat_grads.narrow(0, offset as i64, b);
+        let block = |k: i64| mine.narrow(1, k * dim, dim);
         let params: Vec<(String, Tensor)> = self.model.parameters();
         let param_tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let mut surrogate = (&z_rgb * mine.narrow(1, 0, dim)).sum(None::<Kind>)
-            + (&z_kp * mine.narrow(1, 2 * dim, dim)).sum(None::<Kind>);
-        if let Some(zc) = &z_depth_c {
-            surrogate += (zc * mine.narrow(1, dim, dim).index_select(0, &depth_rows)).sum(None::<Kind>);
+        let mut surrogate = Tensor::zeros([], (kind, dev));
+        if b > 0 {
+            surrogate += (&fwd.z_rgb * block(0)).sum(None::<Kind>) + (&fwd.z_kp * block(2)).sum(None::<Kind>);
+            if let Some(z) = &fwd.z_depth {
+                surrogate += (z * block(1).index_select(0, &depth_rows)).sum(None::<Kind>);
+            }
+            if let Some(d) = &fwd.dense {
+                let cells = |m: i64| mine.narrow(1, 3 * dim + m * joints * dim, joints * dim).reshape([b, joints, dim]);
+                surrogate += (&d.cell_rgb * cells(0)).sum(None::<Kind>);
+                if let Some(c) = &d.cell_depth {
+                    surrogate += (c * cells(1).index_select(0, &depth_rows)).sum(None::<Kind>);
+                }
+                for t in &intra {
+                    surrogate += t;
+                }
+            }
         }
-        let grads: Vec<Option<Tensor>> = if b > 0 && surrogate.requires_grad() {
+        let grads: Vec<Option<Tensor>> = if surrogate.requires_grad() {
             Tensor::run_backward(&[&surrogate], &param_tensors, false, false)
                 .into_iter()
                 .map(|g| g.defined().then_some(g))
@@ -190,21 +488,24 @@ impl Trainer {
         };
 
         // 5. Parameter gradients summed over ranks in fused buckets (a missing gradient packs as
-        //    zeros); the six term shares summed in f64.
+        //    zeros); the term shares summed in f64.
         let comm = self.comm.as_mut();
         let reduced = clock.time(|| self.buckets.all_reduce(comm, &grads))?;
-        let mut terms_t = Tensor::from_slice(&share.terms).to_device(dev);
+        if stage2 {
+            // Order of DENSE_TERMS: dicl_r2d, dicl_d2r, sscl_r2k, sscl_d2k, sscl_cross.
+            values.extend(intra.iter().map(|t| t.double_value(&[])));
+            values.extend(sscl_cross.iter().map(|t| t.double_value(&[])));
+        }
+        let mut terms_t = Tensor::from_slice(&values).to_device(dev);
         clock.time(|| self.comm.all_reduce_sum(&mut terms_t))?;
-        let terms_v = Vec::<f64>::try_from(&terms_t.to_device(tch::Device::Cpu))
+        let terms = Vec::<f64>::try_from(&terms_t.to_device(Device::Cpu))
             .map_err(|e| StepError::Tensor(format!("reading the summed loss terms: {e}")))?;
-        let mut terms = [0.0; 6];
-        terms.copy_from_slice(&terms_v);
         let total: f64 = terms.iter().sum();
         if !total.is_finite() {
             return Err(StepError::NonFinite(total));
         }
 
-        // 6. Update, then keep batch statistics identical across ranks.
+        // 6. Update, keep normalisation statistics identical across ranks, update the banks.
         self.opt.step(&param_tensors, &reduced, lr);
         let buffers: Vec<Tensor> = self.model.buffers().into_iter().map(|(_, t)| t).collect();
         if !buffers.is_empty() {
@@ -212,12 +513,63 @@ impl Trainer {
             clock.time(|| self.comm.broadcast(&mut flat, 0))?;
             unflatten_into(&flat, &buffers);
         }
+        if let Some(banks) = &mut self.banks {
+            for m in [Modality::Rgb, Modality::Depth, Modality::Keypoints] {
+                let sel: Vec<i64> = (0..rows).filter(|&i| has[m as usize][i as usize]).collect();
+                if sel.is_empty() {
+                    continue;
+                }
+                let ids: Vec<i64> = sel.iter().map(|&i| g_ids[i as usize]).collect();
+                let z = leaves[m as usize].detach().index_select(0, &index(&sel, dev));
+                banks.bank.update(m, &ids, &z);
+            }
+        }
         let elapsed = started.elapsed();
         Ok(StepOutcome { terms, total, compute: elapsed.saturating_sub(clock.comm), comm: clock.comm })
     }
-}
 
-/// Term names in [`TERMS`] order.
-pub fn term_names() -> [&'static str; 6] {
-    std::array::from_fn(|i| TERMS[i].0)
+    /// The six sample-level shares against the memory banks: this rank's anchors only.
+    fn bank_shares(
+        &self,
+        banks: &Banks,
+        z: &[Tensor; 3],
+        has: &[Vec<bool>; 3],
+        ids: &[i64],
+        batch: &Batch,
+        local: std::ops::Range<usize>,
+    ) -> Vec<Tensor> {
+        let dev = self.model.vs.device();
+        let k = self.objective.negatives;
+        TERMS
+            .iter()
+            .enumerate()
+            .map(|(t, &(_, a, bm))| {
+                let (ha, hb) = (&has[a as usize], &has[bm as usize]);
+                let global_anchors = ha.iter().zip(hb).filter(|(x, y)| **x && **y).count();
+                let mine: Vec<usize> = local.clone().filter(|&i| ha[i] && hb[i]).collect();
+                if mine.is_empty() || global_anchors == 0 {
+                    return Tensor::zeros([], (self.model.kind, dev));
+                }
+                let anchor_ids: Vec<i64> = mine.iter().map(|&i| ids[i]).collect();
+                let mut negatives = Vec::with_capacity(mine.len() * k);
+                for &i in &mine {
+                    let slot = batch.slots[i - local.start];
+                    // One draw per (anchor, term): the term index is mixed into the seed.
+                    let seed = hcmoco_data::augment::mix(self.objective.seed ^ (t as u64 + 1).wrapping_mul(0x5851_f42d));
+                    negatives.extend(MemoryBank::negatives(
+                        seed,
+                        batch.epoch,
+                        slot,
+                        &banks.eligible[bm as usize],
+                        ids[i],
+                        k,
+                    ));
+                }
+                let negatives = Tensor::from_slice(&negatives).view([mine.len() as i64, k as i64]).to_device(dev);
+                let rows: Vec<i64> = mine.iter().map(|&i| i as i64).collect();
+                let z_a = z[a as usize].index_select(0, &index(&rows, dev));
+                banks.bank.share(a, bm, &z_a, &anchor_ids, &negatives, self.objective.temperature, global_anchors)
+            })
+            .collect()
+    }
 }
