@@ -191,8 +191,8 @@ mod tests {
         let s = sample_level_share(&[rgb, depth, kp], &has, 0..3, 1.0);
         let e = std::f64::consts::E;
         let want = [(1.0 + e).ln() - 1.0, (e + 1.0 + std::f64::consts::FRAC_1_SQRT_2.exp()).ln() - 1.0];
-        for t in 0..2 {
-            assert!((s.terms[t] - want[t]).abs() < 1e-12, "term {t}: {} vs {}", s.terms[t], want[t]);
+        for (t, (got, want)) in s.terms.iter().zip(want).enumerate() {
+            assert!((got - want).abs() < 1e-12, "term {t}: {got} vs {want}");
         }
         assert_eq!(s.anchors, [2, 2, 2, 2, 3, 3]);
         assert!(s.total.double_value(&[]).is_finite());

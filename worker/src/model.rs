@@ -120,7 +120,11 @@ impl Model {
         let depth = ImageEncoder::new(&root / "depth", cfg, &spec, 1)?;
         let kp = KeypointEncoder::new(&root / "kp", cfg, layout);
         let kind = kind_of(cfg.dtype);
-        vs.set_kind(kind);
+        // Floating-point variables only: BatchNorm's `num_batches_tracked` stays int64, as in PyTorch.
+        match kind {
+            Kind::Double => vs.double(),
+            _ => vs.float(),
+        }
         Ok(Model { vs, rgb, depth, kp, kind, embed_dim: i64::from(cfg.embed_dim) })
     }
 

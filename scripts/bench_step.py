@@ -1,0 +1,135 @@
+"""PyTorch eager side of `hcmoco-worker bench step`: one training step of the same model and objective.
+
+The model is the project's PyTorch reference (tests/python/reference/model.py: HRNet + SemGCN + heads,
+the same architecture and state-dict names as the Rust worker), the objective its reference losses
+(tests/python/reference/losses.py), SGD with momentum 0.9 and weight decay 1e-4. The batch has the
+shapes of the Rust benchmark's synthetic batch: every other sample with depth (foreground in a central
+box), every sample with keypoints, 80% of joints visible, P DICL cells per sample with depth.
+
+    python scripts/bench_step.py --backbone hrnet_small --batch 16 --image 64 --stage 2 --threads 1
+
+Prints one line per timed step and `impl=pytorch ... median_ms=... samples_per_s=...`.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
+from reference import losses  # noqa: E402
+from reference.model import HCMoCoModel  # noqa: E402
+
+JOINTS = 16
+
+
+def map_side(pixels):
+    return ((pixels + 1) // 2 + 1) // 2
+
+
+def synthetic_batch(args, device):
+    g = torch.Generator().manual_seed(1234)
+    b, s = args.batch, args.image
+    has_depth = torch.arange(b) % 2 == 0
+    bd = int(has_depth.sum())
+    depth = torch.zeros(bd, 1, s, s)
+    lo, hi = s // 4, s - s // 4
+    depth[:, :, lo:hi, lo:hi] = torch.rand(bd, 1, hi - lo, hi - lo, generator=g) - 0.5
+    m = map_side(s)
+    mlo, mhi = m // 4, max(m - m // 4, m // 4 + 1)
+    rows = torch.randint(mlo, mhi, (b, args.dicl_points), generator=g)
+    cols = torch.randint(mlo, mhi, (b, args.dicl_points), generator=g)
+    batch = {
+        "rgb": torch.randn(b, 3, s, s, generator=g),
+        "depth": depth,
+        "keypoints": torch.rand(b, JOINTS, 2, generator=g) * 2 - 1,
+        "has_depth": has_depth,
+        "pixel_idx": rows * m + cols,
+        "joint_cells": torch.randint(0, m, (b, JOINTS, 2), generator=g),
+        "joint_vis": torch.rand(b, JOINTS, generator=g) < 0.8,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def objective(out, batch, stage):
+    """The stage's terms at world size 1 (the whole batch in this process), summed."""
+    b = batch["rgb"].shape[0]
+    has_depth = batch["has_depth"]
+    ones = torch.ones(b, dtype=torch.bool, device=has_depth.device)
+    z_depth = out["z_rgb"].new_zeros(out["z_rgb"].shape).index_copy(0, has_depth.nonzero().flatten(), out["z_depth"])
+    z = {"rgb": out["z_rgb"], "depth": z_depth, "kp": out["z_kp"]}
+    has = {"rgb": ones, "depth": has_depth, "kp": ones}
+    total = sum(losses.sample_level_in_batch(z[a], z[m], has[a], has[m]) for a, m in losses.PAIRS)
+    if stage == 2:
+        dense_d = out["dense_rgb"].new_zeros(out["dense_rgb"].shape)
+        dense_d = dense_d.index_copy(0, has_depth.nonzero().flatten(), out["dense_depth"])
+        r2d, d2r = losses.dicl(out["dense_rgb"], dense_d, batch["pixel_idx"], has_depth)
+        vis, cells = batch["joint_vis"], batch["joint_cells"]
+        feat_r = losses.joint_features(out["dense_rgb"], cells)
+        feat_d = losses.joint_features(out["dense_depth"], cells[has_depth])
+        g = out["g_kp"]
+        r2k = losses.sscl_part1(feat_r, g, vis)
+        d2k = losses.sscl_part1(feat_d, g[has_depth], vis[has_depth])
+        joint_index = torch.arange(JOINTS, device=vis.device).expand(vis.shape)
+        rows = torch.cat([feat_r[vis], feat_d[vis[has_depth]]])
+        joints = torch.cat([joint_index[vis], joint_index[has_depth][vis[has_depth]]])
+        total = total + r2d + d2r + r2k + d2k + losses.sscl_part2(rows, joints)
+    return total
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--backbone", default="hrnet_small")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--image", type=int, default=64)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--dicl-points", type=int, default=400)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--norm", default="batch")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = HCMoCoModel(args.backbone, "mpii16", norm=args.norm).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    batch = synthetic_batch(args, device)
+    depth_in = batch["depth"] if batch["depth"].shape[0] > 0 else None
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    for i in range(args.warmup + args.iters):
+        sync()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(batch["rgb"], depth_in, batch["keypoints"])
+        out = {k: v.float() for k, v in out.items()}
+        loss = objective(out, batch, args.stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        value = loss.item()
+        sync()
+        ms = (time.perf_counter() - t) * 1e3
+        if i >= args.warmup:
+            print(f"step={i - args.warmup} ms={ms:.2f} loss={value:.4f}")
+            times.append(ms)
+    times.sort()
+    median = times[len(times) // 2]
+    print(
+        f"impl=pytorch backbone={args.backbone} batch={args.batch} image={args.image} stage={args.stage} "
+        f"threads={args.threads} device={args.device} autocast={args.bf16} median_ms={median:.2f} "
+        f"samples_per_s={args.batch / (median / 1e3):.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
