@@ -89,6 +89,27 @@ impl BucketPlan {
             .collect()
     }
 
+    /// Sums the gradients over ranks into one flat tensor in the parameters' order (the layout of
+    /// [`crate::flat::Flat`]): the gradients are concatenated once (a missing one as zeros) and each
+    /// bucket is all-reduced in place as a segment of it.
+    pub fn all_reduce_flat(&self, comm: &mut dyn Communicator, grads: &[Option<Tensor>]) -> Result<Tensor, CommError> {
+        let parts: Vec<Tensor> = (0..self.shapes.len())
+            .map(|i| match grads.get(i).and_then(Option::as_ref) {
+                Some(g) => g.detach().to_device(self.device).to_kind(self.kind).reshape([-1]),
+                None => Tensor::zeros([self.numel(i)], (self.kind, self.device)),
+            })
+            .collect();
+        let flat = if parts.is_empty() { Tensor::zeros([0], (self.kind, self.device)) } else { Tensor::cat(&parts, 0) };
+        let mut offset = 0;
+        for b in &self.buckets {
+            let n: i64 = b.clone().map(|i| self.numel(i)).sum();
+            let mut segment = flat.narrow(0, offset, n);
+            comm.all_reduce_sum(&mut segment)?;
+            offset += n;
+        }
+        Ok(flat)
+    }
+
     /// Sums the gradients over ranks, bucket by bucket; returns one summed tensor per parameter.
     pub fn all_reduce(&self, comm: &mut dyn Communicator, grads: &[Option<Tensor>]) -> Result<Vec<Tensor>, CommError> {
         let mut out = Vec::with_capacity(self.shapes.len());
@@ -144,6 +165,46 @@ mod tests {
                     Some(g) => assert!(t.equal(g), "tensor {i}, buckets of {bytes}"),
                     None => assert_eq!(t.abs().sum(None::<Kind>).double_value(&[]), 0.0, "missing {i} packs as zeros"),
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn flat_all_reduce_sums_over_ranks_in_parameter_order() {
+        use crate::comm::testing::{TEST_TIMEOUT, TRANSPORTS, bind_listeners, one_host, options, run_listeners};
+        let shapes = shapes();
+        // Rank r's gradient of tensor i is (r + 1) * (i + 1) everywhere, except that rank 1 has none for
+        // tensor 1 and no rank has one for tensor 4.
+        let grads = |rank: usize| -> Vec<Option<Tensor>> {
+            shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let missing = i == 4 || (rank == 1 && i == 1);
+                    (!missing).then(|| Tensor::full(s.as_slice(), ((rank + 1) * (i + 1)) as f64, (Kind::Float, tch::Device::Cpu)))
+                })
+                .collect()
+        };
+        for bytes in [0, 64, 1 << 20] {
+            let (listeners, peers) = bind_listeners(2);
+            let results = run_listeners(listeners, &peers, |rank, listener, peers| {
+                let opts = options(TRANSPORTS[0], TEST_TIMEOUT);
+                let mut comm = crate::comm::connect_cpu_with(listener, rank, &one_host(peers), 1, &opts).expect("ring");
+                let plan = BucketPlan::new(&shapes, Kind::Float, tch::Device::Cpu, bytes);
+                plan.all_reduce_flat(&mut comm, &grads(rank)).expect("all-reduce")
+            });
+            let mut want = Vec::new();
+            for (i, s) in shapes.iter().enumerate() {
+                let n: i64 = s.iter().product();
+                let v = match i {
+                    4 => 0.0,
+                    1 => 2.0, // rank 0 only
+                    _ => 3.0 * (i + 1) as f64,
+                };
+                want.extend(std::iter::repeat_n(v as f32, n as usize));
+            }
+            for r in &results {
+                assert_eq!(Vec::<f32>::try_from(r).expect("f32"), want, "buckets of {bytes} bytes");
             }
         }
     }

@@ -26,6 +26,7 @@ pub mod buckets;
 pub mod checkpoint;
 pub mod comm;
 pub mod export;
+pub mod flat;
 pub mod hrnet;
 pub mod loader;
 pub mod loss;

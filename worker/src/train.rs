@@ -29,6 +29,7 @@ use crate::buckets::BucketPlan;
 use crate::comm::{CommError, Communicator};
 use crate::loss::{self, MemoryBank, Modality, TERMS};
 use crate::model::{Model, flatten, unflatten_into};
+use crate::flat::Flat;
 use crate::optim::Sgd;
 
 /// Names of the stage-2 terms, after the six sample-level ones.
@@ -134,6 +135,12 @@ pub struct Trainer {
     pub autocast: bool,
     /// Gradient fusion plan over the parameters (name order).
     pub buckets: BucketPlan,
+    /// The parameters' storage (the optimizer updates it in place).
+    pub params: Flat,
+    /// The buffers' storage, by kind: floating-point statistics, and the integer counters
+    /// (`num_batches_tracked`), broadcast from rank 0 after every step.
+    buffers_float: Flat,
+    buffers_int: Flat,
 }
 
 struct Clock {
@@ -201,11 +208,28 @@ impl Trainer {
         joints: i64,
         bucket_bytes: usize,
     ) -> Trainer {
-        let params = model.parameters();
+        let (kind, device) = (model.kind, model.vs.device());
+        let params = Flat::adopt(&model.parameters(), kind, device);
         let opt = Sgd::new(&params, momentum, weight_decay);
-        let shapes: Vec<Vec<i64>> = params.iter().map(|(_, p)| p.size()).collect();
-        let buckets = BucketPlan::new(&shapes, model.kind, model.vs.device(), bucket_bytes);
-        Trainer { model, opt, comm, objective, banks, joints, autocast: false, buckets }
+        let shapes: Vec<Vec<i64>> = params.layout.iter().map(|(_, s)| s.clone()).collect();
+        let buckets = BucketPlan::new(&shapes, kind, device, bucket_bytes);
+        let (float, int): (Vec<_>, Vec<_>) = model.buffers().into_iter().partition(|(_, t)| t.kind() == kind);
+        let buffers_float = Flat::adopt(&float, kind, device);
+        let int_kind = int.first().map_or(Kind::Int64, |(_, t)| t.kind());
+        let buffers_int = Flat::adopt(&int, int_kind, device);
+        Trainer {
+            model,
+            opt,
+            comm,
+            objective,
+            banks,
+            joints,
+            autocast: false,
+            buckets,
+            params,
+            buffers_float,
+            buffers_int,
+        }
     }
 
     /// Makes every rank start from rank 0's parameters and buffers.
@@ -490,7 +514,7 @@ impl Trainer {
         // 5. Parameter gradients summed over ranks in fused buckets (a missing gradient packs as
         //    zeros); the term shares summed in f64.
         let comm = self.comm.as_mut();
-        let reduced = clock.time(|| self.buckets.all_reduce(comm, &grads))?;
+        let reduced = clock.time(|| self.buckets.all_reduce_flat(comm, &grads))?;
         if stage2 {
             // Order of DENSE_TERMS: dicl_r2d, dicl_d2r, sscl_r2k, sscl_d2k, sscl_cross.
             values.extend(intra.iter().map(|t| t.double_value(&[])));
@@ -506,12 +530,17 @@ impl Trainer {
         }
 
         // 6. Update, keep normalisation statistics identical across ranks, update the banks.
-        self.opt.step(&param_tensors, &reduced, lr);
-        let buffers: Vec<Tensor> = self.model.buffers().into_iter().map(|(_, t)| t).collect();
-        if !buffers.is_empty() {
-            let mut flat = flatten(&buffers, kind);
+        self.opt.step(&reduced, lr);
+        if !self.buffers_float.is_empty() {
+            let mut flat = self.buffers_float.data.shallow_clone();
             clock.time(|| self.comm.broadcast(&mut flat, 0))?;
-            unflatten_into(&flat, &buffers);
+        }
+        if !self.buffers_int.is_empty() {
+            // Counters travel as the model's float kind (exact below 2^24 in f32) and are copied back.
+            let mut flat = self.buffers_int.data.to_kind(kind);
+            clock.time(|| self.comm.broadcast(&mut flat, 0))?;
+            let _guard = tch::no_grad_guard();
+            self.buffers_int.data.shallow_clone().copy_(&flat);
         }
         if let Some(banks) = &mut self.banks {
             for m in [Modality::Rgb, Modality::Depth, Modality::Keypoints] {

@@ -70,7 +70,7 @@ def dicl(f_r, f_d, pixel_idx, has_depth, tau=TAU):
 
 def joint_features(dense, cells):
     """B x C x h x w maps, B x J x 2 (row, col) cells -> B x J x C features at the cells."""
-    b = torch.arange(dense.shape[0])[:, None].expand(cells.shape[:2])
+    b = torch.arange(dense.shape[0], device=dense.device)[:, None].expand(cells.shape[:2])
     return dense[b, :, cells[..., 0], cells[..., 1]]
 
 
@@ -81,7 +81,7 @@ def sscl_part1(feat, g, vis, tau=TAU):
         return feat.new_zeros(())
     n, j, _ = feat.shape
     logits = torch.einsum("bjc,bic->bji", F.normalize(feat, dim=-1), F.normalize(g, dim=-1)) / tau
-    target = torch.arange(j).expand(n, j)
+    target = torch.arange(j, device=feat.device).expand(n, j)
     return F.cross_entropy(logits[vis], target[vis])
 
 
@@ -91,7 +91,7 @@ def sscl_part2(rows, joint, tau=TAU):
     r = rows.shape[0]
     e = F.normalize(rows, dim=1)
     sim = e @ e.T / tau
-    eye = torch.eye(r, dtype=torch.bool)
+    eye = torch.eye(r, dtype=torch.bool, device=rows.device)
     positive = (joint[:, None] == joint[None, :]) & ~eye
     count = positive.sum(dim=1)
     has_positive = count > 0
@@ -108,8 +108,9 @@ def loss_eval(inputs, tau=TAU):
     b = leaves["z_rgb"].shape[0]
     has_depth = inputs["has_depth"].bool()
     vis = inputs["joint_vis"].bool()
-    has_kp = inputs["has_kp"].bool() if "has_kp" in inputs else torch.ones(b, dtype=torch.bool)
-    has = {"rgb": torch.ones(b, dtype=torch.bool), "depth": has_depth, "kp": has_kp}
+    ones = torch.ones(b, dtype=torch.bool, device=has_depth.device)
+    has_kp = inputs["has_kp"].bool() if "has_kp" in inputs else ones
+    has = {"rgb": ones, "depth": has_depth, "kp": has_kp}
     z = {"rgb": leaves["z_rgb"], "depth": leaves["z_depth"], "kp": leaves["z_kp"]}
 
     terms = {}
@@ -125,7 +126,7 @@ def loss_eval(inputs, tau=TAU):
     g = leaves["g_kp"]
     terms["loss_sscl_r2k"] = sscl_part1(feat_r, g, vis, tau)
     terms["loss_sscl_d2k"] = sscl_part1(feat_d, g[has_depth], vis[has_depth], tau)
-    joint_index = torch.arange(vis.shape[1]).expand(vis.shape)
+    joint_index = torch.arange(vis.shape[1], device=vis.device).expand(vis.shape)
     rows = torch.cat([feat_r[vis], feat_d[vis[has_depth]]])
     joints = torch.cat([joint_index[vis], joint_index[has_depth][vis[has_depth]]])
     terms["loss_sscl_cross"] = sscl_part2(rows, joints, tau)
@@ -148,7 +149,7 @@ def memory_bank_term(z_a, bank_b, ids, negatives, tau=TAU):
     z = F.normalize(z_a, dim=1)
     candidates = bank_b[torch.cat([ids[:, None], negatives], dim=1)]  # n x (K + 1) x D
     logits = torch.einsum("nd,nkd->nk", z, candidates) / tau
-    return F.cross_entropy(logits, torch.zeros(z.shape[0], dtype=torch.long))
+    return F.cross_entropy(logits, torch.zeros(z.shape[0], dtype=torch.long, device=z.device))
 
 
 def bank_update(bank, ids, z):

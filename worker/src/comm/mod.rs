@@ -45,7 +45,7 @@ mod tcp;
 mod tensor_mem;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use cpu::{CpuCommunicator, connect_cpu, connect_cpu_with};
 pub use element::Element;
