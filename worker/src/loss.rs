@@ -62,10 +62,19 @@ pub fn normalize(x: &Tensor) -> Tensor {
 pub struct Share {
     /// Sum of the six shares: a scalar whose graph reaches the gathered embeddings.
     pub total: Tensor,
-    /// Each term's share as a number, in [`TERMS`] order.
-    pub terms: [f64; 6],
+    /// Each term's share, in [`TERMS`] order: a detached 6-vector on the embeddings' device (reading
+    /// it waits for the device: the trainer sums it over ranks first and reads it once).
+    pub values: Tensor,
     /// Global valid-anchor count of each term.
     pub anchors: [usize; 6],
+}
+
+impl Share {
+    /// The six shares as numbers.
+    pub fn terms(&self) -> [f64; 6] {
+        let v = Vec::<f64>::try_from(&self.values.to_kind(Kind::Double).to_device(tch::Device::Cpu)).unwrap_or_default();
+        std::array::from_fn(|i| v.get(i).copied().unwrap_or(f64::NAN))
+    }
 }
 
 /// Computes this rank's share of the sample-level objective.
@@ -77,7 +86,7 @@ pub fn sample_level_share(z: &[Tensor; 3], has: &[Vec<bool>; 3], local: Range<us
     let kind = z[0].kind();
     let device = z[0].device();
     let mut total = Tensor::zeros([], (kind, device));
-    let mut terms = [0.0; 6];
+    let mut values: Vec<Tensor> = (0..6).map(|_| Tensor::zeros([], (kind, device))).collect();
     let mut anchors = [0usize; 6];
     for (t, &(_, a, b)) in TERMS.iter().enumerate() {
         let (ha, hb) = (&has[a as usize], &has[b as usize]);
@@ -105,10 +114,10 @@ pub fn sample_level_share(z: &[Tensor; 3], has: &[Vec<bool>; 3], local: Range<us
         let target = Tensor::from_slice(&targets).to_device(device).unsqueeze(1);
         let ce_sum = -logits.log_softmax(1, None::<Kind>).gather(1, &target, false).sum(None::<Kind>);
         let share = ce_sum / global_anchors as f64;
-        terms[t] = share.double_value(&[]);
+        values[t] = share.detach();
         total += share;
     }
-    Share { total, terms, anchors }
+    Share { total, values: Tensor::stack(&values, 0), anchors }
 }
 
 #[cfg(test)]
@@ -174,7 +183,7 @@ mod tests {
         let expected = (logits.logsumexp([1i64].as_slice(), false) - logits.diagonal(0, 0, 1))
             .mean(None::<Kind>)
             .double_value(&[]);
-        assert!((s.terms[0] - expected).abs() < 1e-12, "{} vs {expected}", s.terms[0]);
+        assert!((s.terms()[0] - expected).abs() < 1e-12, "{} vs {expected}", s.terms()[0]);
         assert_eq!(s.anchors, [4; 6]);
     }
 
@@ -191,7 +200,7 @@ mod tests {
         let s = sample_level_share(&[rgb, depth, kp], &has, 0..3, 1.0);
         let e = std::f64::consts::E;
         let want = [(1.0 + e).ln() - 1.0, (e + 1.0 + std::f64::consts::FRAC_1_SQRT_2.exp()).ln() - 1.0];
-        for (t, (got, want)) in s.terms.iter().zip(want).enumerate() {
+        for (t, (got, want)) in s.terms().iter().zip(want).enumerate() {
             assert!((got - want).abs() < 1e-12, "term {t}: {got} vs {want}");
         }
         assert_eq!(s.anchors, [2, 2, 2, 2, 3, 3]);
@@ -205,8 +214,9 @@ mod tests {
         // Rows of missing depth hold zeros: selected out, so no NaN can leak from normalising them.
         z[1] = Tensor::zeros([3, 4], (Kind::Double, Device::Cpu)).set_requires_grad(true);
         let s = sample_level_share(&z, &has, 0..3, 0.07);
-        assert_eq!(&s.terms[..4], &[0.0; 4]);
-        assert!(s.terms[4] > 0.0 && s.terms[5] > 0.0);
+        let terms = s.terms();
+        assert_eq!(&terms[..4], &[0.0; 4]);
+        assert!(terms[4] > 0.0 && terms[5] > 0.0);
         let g = grads(&s.total, &z);
         assert_eq!(g[1].abs().sum(None::<Kind>).double_value(&[]), 0.0);
         for gi in &g {

@@ -388,7 +388,7 @@ pub fn evaluate(inputs: &Inputs, tau: f64) -> Vec<(String, Tensor)> {
     let scalar = |v: f64| Tensor::from(v).to_kind(kind);
     let mut out: Vec<(String, Tensor)> = Vec::with_capacity(TERM_OUTPUTS.len() + 1 + GRAD_INPUTS.len());
     debug_assert!(TERMS.iter().zip(&TERM_OUTPUTS).all(|((n, _, _), o)| o.ends_with(n)));
-    for (name, v) in TERM_OUTPUTS.iter().zip(sample.terms) {
+    for (name, v) in TERM_OUTPUTS.iter().zip(sample.terms()) {
         out.push((name.to_string(), scalar(v)));
     }
     for (name, t) in TERM_OUTPUTS[6..].iter().zip(&dense_terms) {

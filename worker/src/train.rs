@@ -156,7 +156,8 @@ impl Clock {
     }
 }
 
-/// Columns of per-sample metadata in the gathered rows, after the three embeddings.
+/// Columns of per-sample metadata in the gathered rows, after the three embeddings (stage 2 follows
+/// them with the J joint-visibility flags, then the RGB and the depth joint cell features).
 const META: i64 = 7;
 const META_HAS_DEPTH: usize = 0;
 const META_HAS_KP: usize = 1;
@@ -337,23 +338,23 @@ impl Trainer {
             col(batch.ids.iter().map(|&id| (id % ID_SPLIT) as f64).collect()),
         ];
         if let Some(d) = &fwd.dense {
+            parts.push(bools(&batch.joint_visible, dev).to_kind(kind).view([b, joints]));
             parts.push(d.cell_rgb.detach().reshape([b, joints * dim]));
             parts.push(match &d.cell_depth {
                 Some(c) => scatter_depth(c, &[b, joints, dim]).reshape([b, joints * dim]),
                 None => Tensor::zeros([b, joints * dim], (kind, dev)),
             });
-            parts.push(
-                bools(&batch.joint_visible, dev).to_kind(kind).view([b, joints]),
-            );
         }
         let local = Tensor::cat(&parts, 1);
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
+        // The per-sample columns (and, in stage 2, the joint visibility) in one copy to the host.
+        let host_cols = META + if stage2 { joints } else { 0 };
         let meta = Vec::<f64>::try_from(
-            &gathered.narrow(1, 3 * dim, META).reshape([-1]).to_kind(Kind::Double).to_device(Device::Cpu),
+            &gathered.narrow(1, 3 * dim, host_cols).reshape([-1]).to_kind(Kind::Double).to_device(Device::Cpu),
         )
         .map_err(|e| StepError::Tensor(format!("reading the gathered masks and ranks: {e}")))?;
-        let column = |c: usize| meta.iter().skip(c).step_by(META as usize).copied();
+        let column = |c: usize| meta.iter().skip(c).step_by(host_cols as usize).copied();
         let ranks: Vec<f64> = column(META_RANK).collect();
         let offset = ranks.iter().filter(|&&r| (r as usize) < self.comm.rank()).count();
         if let Some((want_offset, want_rows)) = expected
@@ -371,7 +372,7 @@ impl Trainer {
         // 3. Cross-sample shares on leaves.
         let mut leaves: Vec<Tensor> =
             (0..3).map(|m| gathered.narrow(1, m * dim, dim).detach().set_requires_grad(true)).collect();
-        let cell_base = 3 * dim + META;
+        let cell_base = 3 * dim + host_cols;
         if stage2 {
             for m in 0..2 {
                 let block = gathered.narrow(1, cell_base + m * joints * dim, joints * dim);
@@ -382,12 +383,12 @@ impl Trainer {
         let (mut cross_total, mut values) = match (self.objective.variant, &self.banks) {
             (Variant::InBatch, _) => {
                 let share = loss::sample_level_share(&z_leaves, &has, local_range.clone(), tau);
-                (share.total, share.terms.to_vec())
+                (share.total, vec![share.values])
             }
             (Variant::MemoryBank, Some(banks)) => {
                 let shares = self.bank_shares(banks, &z_leaves, &has, &g_ids, batch, local_range.clone());
-                let values = shares.iter().map(|t| t.double_value(&[])).collect();
-                (Tensor::stack(&shares, 0).sum(None::<Kind>), values)
+                let values = Tensor::stack(&shares, 0);
+                (values.sum(None::<Kind>), vec![values.detach()])
             }
             (Variant::MemoryBank, None) => {
                 return Err(StepError::Tensor("the memory-bank variant needs banks".into()));
@@ -395,14 +396,10 @@ impl Trainer {
         };
         let mut sscl_cross = None;
         if stage2 {
-            let g_vis: Vec<bool> = {
-                let block = gathered.narrow(1, cell_base + 2 * joints * dim, joints).reshape([-1]);
-                Vec::<f64>::try_from(&block.to_kind(Kind::Double).to_device(Device::Cpu))
-                    .map_err(|e| StepError::Tensor(format!("reading the gathered joint visibility: {e}")))?
-                    .into_iter()
-                    .map(|x| x > 0.5)
-                    .collect()
-            };
+            let g_vis: Vec<bool> = meta
+                .chunks(host_cols as usize)
+                .flat_map(|row| row[META as usize..].iter().map(|&x| x > 0.5))
+                .collect();
             // Rows of SSCL part 2: r_j of every visible joint, then d_j of every visible joint of a
             // sample with depth; anchors are this rank's samples' rows.
             let (mut sel_r, mut sel_d, mut joint_r, mut joint_d, mut anchor_r, mut anchor_d) =
@@ -517,10 +514,11 @@ impl Trainer {
         let reduced = clock.time(|| self.buckets.all_reduce_flat(comm, &grads))?;
         if stage2 {
             // Order of DENSE_TERMS: dicl_r2d, dicl_d2r, sscl_r2k, sscl_d2k, sscl_cross.
-            values.extend(intra.iter().map(|t| t.double_value(&[])));
-            values.extend(sscl_cross.iter().map(|t| t.double_value(&[])));
+            let dense: Vec<Tensor> = intra.iter().chain(sscl_cross.iter()).map(|t| t.detach().to_kind(kind)).collect();
+            values.push(Tensor::stack(&dense, 0));
         }
-        let mut terms_t = Tensor::from_slice(&values).to_device(dev);
+        // One vector on the device, summed over ranks in f64, read once.
+        let mut terms_t = Tensor::cat(&values, 0).to_kind(Kind::Double);
         clock.time(|| self.comm.all_reduce_sum(&mut terms_t))?;
         let terms = Vec::<f64>::try_from(&terms_t.to_device(Device::Cpu))
             .map_err(|e| StepError::Tensor(format!("reading the summed loss terms: {e}")))?;
