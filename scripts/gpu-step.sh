@@ -8,11 +8,11 @@
 # 2. One HRNet-W18 stage-2 training step at 320 x 320, batch 56 (the reference's per-GPU batch), on
 #    CUDA: ours (`hcmoco-worker bench step`, fp32 and bf16 autocast) against PyTorch eager running the
 #    project's Python reference (scripts/bench_step.py) on the same GPU, alternating, samples/s each.
-# Output goes to stdout and $OUT/gpu-step.txt when $OUT is set.
+# Output goes to stdout and $OUT/gpu-step.txt when $OUT is set. SKIP_CHECK=1 skips part 1.
 set -uo pipefail
 bin=.carry/hcmoco-worker
 run() {
-  HCMOCO_BIN=.carry/hcmoco bash scripts/gpu-check.sh "$bin"
+  [ "${SKIP_CHECK:-0}" = 1 ] || HCMOCO_BIN=.carry/hcmoco bash scripts/gpu-check.sh "$bin"
   local torch_dir site libs dir
   torch_dir="$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
   site="$(dirname "$torch_dir")"
