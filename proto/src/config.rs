@@ -424,11 +424,9 @@ impl JobConfig {
                 format!("{:?}: expected \"bilinear\" or \"nearest\"", m.upsample),
             ));
         }
-        for (key, v) in [
-            ("model.embed_dim", m.embed_dim),
-            ("model.keypoint_hidden", m.keypoint_hidden),
-            ("model.groups", m.groups),
-        ] {
+        for (key, v) in
+            [("model.embed_dim", m.embed_dim), ("model.keypoint_hidden", m.keypoint_hidden), ("model.groups", m.groups)]
+        {
             if v == 0 {
                 return Err(ConfigError::invalid(key, "must be at least 1"));
             }

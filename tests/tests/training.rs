@@ -183,9 +183,14 @@ fn two_ranks_match_one_rank_with_the_whole_batch() {
         // weights by far more than weight decay alone could (3 steps x lr 0.05 x wd 1e-4 ~ 1e-5 relative).
         let unused = std::path::Path::new("/unused");
         let cfg = equivalence_config(unused, unused, dtype, 1, 12, STAGE1);
-        let init = hcmoco_worker::model::Model::new(&cfg.model, hcmoco_data::KeypointLayout::Mpii16, cfg.seed, tch::Device::Cpu)
-            .expect("model")
-            .state();
+        let init = hcmoco_worker::model::Model::new(
+            &cfg.model,
+            hcmoco_data::KeypointLayout::Mpii16,
+            cfg.seed,
+            tch::Device::Cpu,
+        )
+        .expect("model")
+        .state();
         let (_, moved) = max_diffs(&init, &one.state).expect("same parameter names");
         assert!(moved > 1e-3, "{dtype:?}: parameters barely moved (max relative change {moved:e})");
     }

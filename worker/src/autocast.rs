@@ -60,7 +60,8 @@ pub fn bf16<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
     // SAFETY: getters and setters of libtorch's thread-local autocast state; the argument values are
     // valid enumerators of c10::DeviceType and c10::ScalarType.
     let _restore = unsafe {
-        let restore = Restore { device_type: dt, enabled: at_is_autocast_enabled(dt), dtype: at_get_autocast_dtype(dt) };
+        let restore =
+            Restore { device_type: dt, enabled: at_is_autocast_enabled(dt), dtype: at_get_autocast_dtype(dt) };
         at_set_autocast_dtype(dt, SCALAR_BFLOAT16);
         at_set_autocast_enabled(dt, true);
         restore

@@ -160,7 +160,8 @@ pub fn build(samples: &[Sample], tags: &[SampleTag], opts: &BatchOptions) -> Res
                 if dicl_points > 0 {
                     let fg = crate::loss::nearest_mask(&d.data, h, w, mh as usize, mw as usize);
                     let t = &tags[row];
-                    let cells = crate::loss::draw_cells(&fg, dicl_points, crate::loss::dicl_seed(seed, t.epoch, t.slot));
+                    let cells =
+                        crate::loss::draw_cells(&fg, dicl_points, crate::loss::dicl_seed(seed, t.epoch, t.slot));
                     if !cells.is_empty() {
                         dicl_rows.push(depth_rows.len() as i64);
                         dicl_cells.extend(cells);

@@ -51,7 +51,8 @@ pub fn synthetic_batch(spec: &StepBenchSpec, joints: i64, kind: Kind) -> Batch {
     let rows = Tensor::randint_low(mlo, mhi.max(mlo + 1), [bd, p], (Kind::Int64, Device::Cpu));
     let cols = Tensor::randint_low(mlo, mhi.max(mlo + 1), [bd, p], (Kind::Int64, Device::Cpu));
     let visible = Tensor::rand([b * joints], (Kind::Float, Device::Cpu)).lt(0.8);
-    let joint_visible: Vec<bool> = Vec::<bool>::try_from(&visible).unwrap_or_else(|_| vec![true; (b * joints) as usize]);
+    let joint_visible: Vec<bool> =
+        Vec::<bool>::try_from(&visible).unwrap_or_else(|_| vec![true; (b * joints) as usize]);
     Batch {
         rgb: Tensor::randn([b, 3, s, s], (kind, Device::Cpu)),
         depth: depth.to_kind(kind),

@@ -1,5 +1,6 @@
-//! Gradient fusion: parameter gradients packed into fixed-size buckets, all-reduced per bucket and
-//! unpacked.
+//! Gradient fusion: parameter gradients concatenated once into a flat tensor (the parameters' flat
+//! order, [`crate::flat::Flat`]), whose fixed-size segments (buckets) are all-reduced in place; the
+//! optimizer consumes the flat result directly, so nothing is unpacked.
 //!
 //! The plan depends only on the parameters' shapes, in the order given (the model's name order), so it
 //! is identical on every rank. Tensors are taken in order; a bucket is closed when the next tensor would
@@ -63,32 +64,6 @@ impl BucketPlan {
         self.shapes[i].iter().product()
     }
 
-    /// Packs bucket `b` into one flat tensor; a missing gradient is packed as zeros.
-    pub fn pack(&self, b: usize, grads: &[Option<Tensor>]) -> Tensor {
-        let parts: Vec<Tensor> = self.buckets[b]
-            .clone()
-            .map(|i| match grads.get(i).and_then(Option::as_ref) {
-                Some(g) => g.detach().to_device(self.device).to_kind(self.kind).reshape([-1]),
-                None => Tensor::zeros([self.numel(i)], (self.kind, self.device)),
-            })
-            .collect();
-        Tensor::cat(&parts, 0)
-    }
-
-    /// Splits a packed bucket back into tensors of the planned shapes.
-    pub fn unpack(&self, b: usize, flat: &Tensor) -> Vec<Tensor> {
-        let mut offset = 0;
-        self.buckets[b]
-            .clone()
-            .map(|i| {
-                let n = self.numel(i);
-                let t = flat.narrow(0, offset, n).view(self.shapes[i].as_slice());
-                offset += n;
-                t
-            })
-            .collect()
-    }
-
     /// Sums the gradients over ranks into one flat tensor in the parameters' order (the layout of
     /// [`crate::flat::Flat`]): the gradients are concatenated once (a missing one as zeros) and each
     /// bucket is all-reduced in place as a segment of it.
@@ -108,17 +83,6 @@ impl BucketPlan {
             offset += n;
         }
         Ok(flat)
-    }
-
-    /// Sums the gradients over ranks, bucket by bucket; returns one summed tensor per parameter.
-    pub fn all_reduce(&self, comm: &mut dyn Communicator, grads: &[Option<Tensor>]) -> Result<Vec<Tensor>, CommError> {
-        let mut out = Vec::with_capacity(self.shapes.len());
-        for b in 0..self.buckets.len() {
-            let mut flat = self.pack(b, grads);
-            comm.all_reduce_sum(&mut flat)?;
-            out.extend(self.unpack(b, &flat));
-        }
-        Ok(out)
     }
 }
 
@@ -143,33 +107,6 @@ mod tests {
     }
 
     #[test]
-    fn pack_unpack_round_trip_with_missing_gradients() {
-        let shapes = shapes();
-        let grads: Vec<Option<Tensor>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (i != 1 && i != 4).then(|| Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu))))
-            .collect();
-        for bytes in [0, 30, 64, 1 << 20] {
-            let plan = BucketPlan::new(&shapes, Kind::Float, tch::Device::Cpu, bytes);
-            let mut back = Vec::new();
-            for b in 0..plan.len() {
-                let flat = plan.pack(b, &grads);
-                assert_eq!(flat.size(), vec![plan.bucket(b).map(|i| plan.numel(i)).sum::<i64>()]);
-                back.extend(plan.unpack(b, &flat));
-            }
-            assert_eq!(back.len(), shapes.len());
-            for (i, t) in back.iter().enumerate() {
-                assert_eq!(t.size(), shapes[i]);
-                match &grads[i] {
-                    Some(g) => assert!(t.equal(g), "tensor {i}, buckets of {bytes}"),
-                    None => assert_eq!(t.abs().sum(None::<Kind>).double_value(&[]), 0.0, "missing {i} packs as zeros"),
-                }
-            }
-        }
-    }
-
-    #[test]
     fn flat_all_reduce_sums_over_ranks_in_parameter_order() {
         use crate::comm::testing::{TEST_TIMEOUT, TRANSPORTS, bind_listeners, one_host, options, run_listeners};
         let shapes = shapes();
@@ -181,7 +118,9 @@ mod tests {
                 .enumerate()
                 .map(|(i, s)| {
                     let missing = i == 4 || (rank == 1 && i == 1);
-                    (!missing).then(|| Tensor::full(s.as_slice(), ((rank + 1) * (i + 1)) as f64, (Kind::Float, tch::Device::Cpu)))
+                    (!missing).then(|| {
+                        Tensor::full(s.as_slice(), ((rank + 1) * (i + 1)) as f64, (Kind::Float, tch::Device::Cpu))
+                    })
                 })
                 .collect()
         };

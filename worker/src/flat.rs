@@ -67,11 +67,15 @@ mod tests {
         let a = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0]).view([2, 2]).set_requires_grad(true);
         let b = Tensor::from_slice(&[5.0f64]);
         let held_by_a_module = a.shallow_clone();
-        let flat = Flat::adopt(&[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())], Kind::Double, Device::Cpu);
+        let flat =
+            Flat::adopt(&[("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())], Kind::Double, Device::Cpu);
         assert_eq!(Vec::<f64>::try_from(&flat.data).expect("f64"), vec![1.0, 2.0, 3.0, 4.0, 5.0]);
         // An in-place update of the flat tensor is seen through every handle of the variables.
         let _ = flat.data.shallow_clone().g_mul_scalar_(2.0);
-        assert_eq!(Vec::<f64>::try_from(&held_by_a_module.detach().reshape([-1])).expect("f64"), vec![2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(
+            Vec::<f64>::try_from(&held_by_a_module.detach().reshape([-1])).expect("f64"),
+            vec![2.0, 4.0, 6.0, 8.0]
+        );
         assert_eq!(b.double_value(&[0]), 10.0);
         assert!(held_by_a_module.requires_grad(), "a parameter stays a parameter");
         assert_eq!(held_by_a_module.size(), vec![2, 2]);

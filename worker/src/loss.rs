@@ -72,7 +72,8 @@ pub struct Share {
 impl Share {
     /// The six shares as numbers.
     pub fn terms(&self) -> [f64; 6] {
-        let v = Vec::<f64>::try_from(&self.values.to_kind(Kind::Double).to_device(tch::Device::Cpu)).unwrap_or_default();
+        let v =
+            Vec::<f64>::try_from(&self.values.to_kind(Kind::Double).to_device(tch::Device::Cpu)).unwrap_or_default();
         std::array::from_fn(|i| v.get(i).copied().unwrap_or(f64::NAN))
     }
 }

@@ -161,27 +161,6 @@ impl Model {
     }
 }
 
-/// Flattens tensors into one 1-D tensor (a bucket), in order.
-pub fn flatten(tensors: &[Tensor], kind: Kind) -> Tensor {
-    if tensors.is_empty() {
-        return Tensor::zeros([0], (kind, Device::Cpu));
-    }
-    let flat: Vec<Tensor> = tensors.iter().map(|t| t.detach().to_kind(kind).reshape([-1])).collect();
-    Tensor::cat(&flat, 0)
-}
-
-/// Copies a flat bucket back into `targets` (shapes taken from the targets), without tracking grads.
-pub fn unflatten_into(flat: &Tensor, targets: &[Tensor]) {
-    let _guard = tch::no_grad_guard();
-    let mut offset = 0i64;
-    for t in targets {
-        let n = t.numel() as i64;
-        let mut t = t.shallow_clone();
-        t.copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
-        offset += n;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,19 +193,11 @@ mod tests {
         assert_eq!((z.size(), g.size()), (vec![2, 8], vec![2, 16, 8]));
         // The heads' names are the ones export and the Python reference rely on.
         let names: Vec<String> = a.state().into_iter().map(|(n, _)| n).collect();
-        for want in ["rgb.global_head.weight", "rgb.dense_head.bias", "depth.backbone.conv1.weight", "kp.global_head.bias"] {
+        for want in
+            ["rgb.global_head.weight", "rgb.dense_head.bias", "depth.backbone.conv1.weight", "kp.global_head.bias"]
+        {
             assert!(names.iter().any(|n| n == want), "{want} missing");
         }
         assert!(Model::is_dense_head("depth.dense_head.weight") && !Model::is_dense_head("rgb.global_head.weight"));
-    }
-
-    #[test]
-    fn flatten_round_trip() {
-        let ts = vec![Tensor::from_slice(&[1.0f64, 2.0]), Tensor::from_slice(&[3.0f64, 4.0, 5.0, 6.0]).view([2, 2])];
-        let flat = flatten(&ts, Kind::Double);
-        let targets =
-            vec![Tensor::zeros([2], (Kind::Double, Device::Cpu)), Tensor::zeros([2, 2], (Kind::Double, Device::Cpu))];
-        unflatten_into(&flat, &targets);
-        assert!(targets[0].equal(&ts[0]) && targets[1].equal(&ts[1]));
     }
 }

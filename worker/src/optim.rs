@@ -78,7 +78,8 @@ mod tests {
         assert!((p2[1] - (-2.03 - 0.1 * 0.567)).abs() < 1e-12, "{p2:?}");
         let st = opt.state();
         assert_eq!(st[0].0, "momentum.w");
-        let other_flat = Flat::adopt(&[("w".into(), Tensor::zeros([2], (Kind::Double, Device::Cpu)))], Kind::Double, Device::Cpu);
+        let other_flat =
+            Flat::adopt(&[("w".into(), Tensor::zeros([2], (Kind::Double, Device::Cpu)))], Kind::Double, Device::Cpu);
         let mut other = Sgd::new(&other_flat, 0.9, 0.1);
         other.load_state(&st).expect("load");
         assert!(other.state()[0].1.equal(&st[0].1));

@@ -25,8 +25,8 @@ use crate::batch::{self, BatchOptions, SampleTag};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, connect_cpu_with};
 use crate::loader::{Loader, Request};
-use crate::model::Model;
 use crate::loss::MemoryBank;
+use crate::model::Model;
 use crate::train::{Banks, Objective, Trainer, Variant};
 use hcmoco_data::augment::AugmentConfig;
 
@@ -660,7 +660,8 @@ fn init_from_checkpoint(trainer: &mut Trainer, path: &std::path::Path) -> anyhow
     let dir = if path.join("meta.json").is_file() {
         path.to_path_buf()
     } else {
-        checkpoint::latest(path).with_context(|| format!("{} is neither a checkpoint nor holds a `latest` one", path.display()))?
+        checkpoint::latest(path)
+            .with_context(|| format!("{} is neither a checkpoint nor holds a `latest` one", path.display()))?
     };
     let (meta, model, _opt, banks) = checkpoint::read(&dir)?;
     let wanted: Vec<(String, Tensor)> =
@@ -678,7 +679,10 @@ fn init_from_checkpoint(trainer: &mut Trainer, path: &std::path::Path) -> anyhow
     }
     if let Some(target) = &mut trainer.banks {
         let banks = banks.with_context(|| {
-            format!("{} has no memory banks (banks.safetensors): was stage 1 trained with loss.variant = \"memory_bank\"?", dir.display())
+            format!(
+                "{} has no memory banks (banks.safetensors): was stage 1 trained with loss.variant = \"memory_bank\"?",
+                dir.display()
+            )
         })?;
         target.load(&banks, &format!("{}/banks.safetensors", dir.display()))?;
     }

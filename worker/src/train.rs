@@ -27,9 +27,9 @@ use tch::{Device, Kind, Tensor};
 use crate::batch::Batch;
 use crate::buckets::BucketPlan;
 use crate::comm::{CommError, Communicator};
-use crate::loss::{self, MemoryBank, Modality, TERMS};
-use crate::model::{Model, flatten, unflatten_into};
 use crate::flat::Flat;
+use crate::loss::{self, MemoryBank, Modality, TERMS};
+use crate::model::Model;
 use crate::optim::Sgd;
 
 /// Names of the stage-2 terms, after the six sample-level ones.
@@ -79,7 +79,11 @@ pub const BANK_NAMES: [&str; 3] = ["bank.rgb", "bank.depth", "bank.kp"];
 impl Banks {
     /// The banks, copied to the CPU, named [`BANK_NAMES`].
     pub fn state_on_cpu(&self) -> Vec<(String, Tensor)> {
-        BANK_NAMES.iter().zip(&self.bank.banks).map(|(n, t)| (n.to_string(), t.detach().to_device(Device::Cpu))).collect()
+        BANK_NAMES
+            .iter()
+            .zip(&self.bank.banks)
+            .map(|(n, t)| (n.to_string(), t.detach().to_device(Device::Cpu)))
+            .collect()
     }
 
     /// Replaces the banks with `state`'s (names [`BANK_NAMES`]); a missing, extra or mis-shaped bank is
@@ -235,10 +239,24 @@ impl Trainer {
 
     /// Makes every rank start from rank 0's parameters and buffers.
     pub fn broadcast_initial_state(&mut self) -> Result<(), CommError> {
-        let state: Vec<Tensor> = self.model.state().into_iter().map(|(_, t)| t).collect();
-        let mut flat = flatten(&state, self.model.kind);
-        self.comm.broadcast(&mut flat, 0)?;
-        unflatten_into(&flat, &state);
+        let mut params = self.params.data.shallow_clone();
+        self.comm.broadcast(&mut params, 0)?;
+        self.broadcast_buffers()
+    }
+
+    /// Rank 0's normalisation statistics and counters everywhere: the flat floating-point buffers as
+    /// they are, the integer counters as the model's float kind (exact below 2^24 in f32).
+    fn broadcast_buffers(&mut self) -> Result<(), CommError> {
+        if !self.buffers_float.is_empty() {
+            let mut flat = self.buffers_float.data.shallow_clone();
+            self.comm.broadcast(&mut flat, 0)?;
+        }
+        if !self.buffers_int.is_empty() {
+            let mut flat = self.buffers_int.data.to_kind(self.model.kind);
+            self.comm.broadcast(&mut flat, 0)?;
+            let _guard = tch::no_grad_guard();
+            self.buffers_int.data.shallow_clone().copy_(&flat);
+        }
         Ok(())
     }
 
@@ -305,9 +323,8 @@ impl Trainer {
 
         // 1. Local forward.
         let fwd = self.forward(batch);
-        let scatter_depth = |rows: &Tensor, shape: &[i64]| {
-            Tensor::zeros(shape, (kind, dev)).index_copy(0, &depth_rows, &rows.detach())
-        };
+        let scatter_depth =
+            |rows: &Tensor, shape: &[i64]| Tensor::zeros(shape, (kind, dev)).index_copy(0, &depth_rows, &rows.detach());
         let z_depth_full = match &fwd.z_depth {
             Some(z) => scatter_depth(z, &[b, dim]),
             None => Tensor::zeros([b, dim], (kind, dev)),
@@ -316,7 +333,8 @@ impl Trainer {
         let vis: Vec<bool> = (0..batch.len() * joints as usize)
             .map(|k| batch.joint_visible[k] && batch.has_keypoints[k / joints as usize])
             .collect();
-        let vis_kp_counts: Vec<f64> = vis.chunks(joints.max(1) as usize).map(|c| c.iter().filter(|&&v| v).count() as f64).collect();
+        let vis_kp_counts: Vec<f64> =
+            vis.chunks(joints.max(1) as usize).map(|c| c.iter().filter(|&&v| v).count() as f64).collect();
         let mut dicl_counts = vec![0.0f64; batch.len()];
         for &r in &batch.dicl_rows {
             dicl_counts[batch.depth_rows[r as usize] as usize] = batch.dicl_cells.size()[1] as f64;
@@ -396,10 +414,8 @@ impl Trainer {
         };
         let mut sscl_cross = None;
         if stage2 {
-            let g_vis: Vec<bool> = meta
-                .chunks(host_cols as usize)
-                .flat_map(|row| row[META as usize..].iter().map(|&x| x > 0.5))
-                .collect();
+            let g_vis: Vec<bool> =
+                meta.chunks(host_cols as usize).flat_map(|row| row[META as usize..].iter().map(|&x| x > 0.5)).collect();
             // Rows of SSCL part 2: r_j of every visible joint, then d_j of every visible joint of a
             // sample with depth; anchors are this rank's samples' rows.
             let (mut sel_r, mut sel_d, mut joint_r, mut joint_d, mut anchor_r, mut anchor_d) =
@@ -419,7 +435,8 @@ impl Trainer {
                     }
                 }
             }
-            let pick = |leaf: &Tensor, sel: &[i64]| leaf.reshape([rows * joints, dim]).index_select(0, &index(sel, dev));
+            let pick =
+                |leaf: &Tensor, sel: &[i64]| leaf.reshape([rows * joints, dim]).index_select(0, &index(sel, dev));
             let all_rows = Tensor::cat(&[pick(&leaves[3], &sel_r), pick(&leaves[4], &sel_d)], 0);
             joint_r.extend(joint_d);
             anchor_r.extend(anchor_d);
@@ -427,7 +444,7 @@ impl Trainer {
             sscl_cross = Some(share);
         }
         if let Some(t) = &sscl_cross {
-            cross_total = cross_total + t;
+            cross_total += t;
         }
         let leaf_grads: Vec<Tensor> = if cross_total.requires_grad() {
             Tensor::run_backward(&[&cross_total], &leaves, false, false)
@@ -455,11 +472,8 @@ impl Trainer {
             };
             let vis_t = bools(&vis, dev).view([b, joints]);
             let r2k = loss::sscl_part1_share(&d.cell_rgb, &d.g, &vis_t, tau, global(META_VIS_KP));
-            let d2k_anchors: usize = column(META_VIS_KP)
-                .zip(g_has_depth.iter())
-                .filter(|(_, h)| **h)
-                .map(|(n, _)| n as usize)
-                .sum();
+            let d2k_anchors: usize =
+                column(META_VIS_KP).zip(g_has_depth.iter()).filter(|(_, h)| **h).map(|(n, _)| n as usize).sum();
             let d2k = match &d.cell_depth {
                 Some(cell_depth) => loss::sscl_part1_share(
                     cell_depth,
@@ -475,8 +489,7 @@ impl Trainer {
 
         // 4. Sum the gathered rows' gradients over ranks; backpropagate our rows and the intra-sample
         //    shares through the encoders.
-        let mut flat_grads =
-            Tensor::cat(&leaf_grads.iter().map(|g| g.reshape([rows, -1])).collect::<Vec<_>>(), 1);
+        let mut flat_grads = Tensor::cat(&leaf_grads.iter().map(|g| g.reshape([rows, -1])).collect::<Vec<_>>(), 1);
         clock.time(|| self.comm.all_reduce_sum(&mut flat_grads))?;
         let mine = flat_grads.narrow(0, offset as i64, b);
         let block = |k: i64| mine.narrow(1, k * dim, dim);
@@ -529,17 +542,9 @@ impl Trainer {
 
         // 6. Update, keep normalisation statistics identical across ranks, update the banks.
         self.opt.step(&reduced, lr);
-        if !self.buffers_float.is_empty() {
-            let mut flat = self.buffers_float.data.shallow_clone();
-            clock.time(|| self.comm.broadcast(&mut flat, 0))?;
-        }
-        if !self.buffers_int.is_empty() {
-            // Counters travel as the model's float kind (exact below 2^24 in f32) and are copied back.
-            let mut flat = self.buffers_int.data.to_kind(kind);
-            clock.time(|| self.comm.broadcast(&mut flat, 0))?;
-            let _guard = tch::no_grad_guard();
-            self.buffers_int.data.shallow_clone().copy_(&flat);
-        }
+        let t = Instant::now();
+        self.broadcast_buffers()?;
+        clock.comm += t.elapsed();
         if let Some(banks) = &mut self.banks {
             for m in [Modality::Rgb, Modality::Depth, Modality::Keypoints] {
                 let sel: Vec<i64> = (0..rows).filter(|&i| has[m as usize][i as usize]).collect();
@@ -582,7 +587,8 @@ impl Trainer {
                 for &i in &mine {
                     let slot = batch.slots[i - local.start];
                     // One draw per (anchor, term): the term index is mixed into the seed.
-                    let seed = hcmoco_data::augment::mix(self.objective.seed ^ (t as u64 + 1).wrapping_mul(0x5851_f42d));
+                    let seed =
+                        hcmoco_data::augment::mix(self.objective.seed ^ (t as u64 + 1).wrapping_mul(0x5851_f42d));
                     negatives.extend(MemoryBank::negatives(
                         seed,
                         batch.epoch,
