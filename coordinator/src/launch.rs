@@ -38,6 +38,10 @@ pub struct LaunchOptions {
     pub synth_image_size: u32,
     /// Extra arguments for every worker process.
     pub worker_args: Vec<String>,
+    /// `loss.stage` override.
+    pub stage: Option<u32>,
+    /// `model.init_checkpoint` override (stage 2 from a stage-1 run).
+    pub init_checkpoint: Option<PathBuf>,
 }
 
 /// Result of a finished launch.
@@ -101,6 +105,13 @@ pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::R
     cfg.workers.max = opts.workers;
     if let Some(steps) = opts.steps {
         cfg.steps = steps;
+    }
+    if let Some(stage) = opts.stage {
+        cfg.loss.stage = stage;
+    }
+    if let Some(init) = &opts.init_checkpoint {
+        let init = std::path::absolute(init).with_context(|| format!("--init-checkpoint {}", init.display()))?;
+        cfg.model.init_checkpoint = init.display().to_string();
     }
     if opts.job_file.is_none() {
         cfg.checkpoint.dir = opts.out.join("checkpoints").display().to_string();
@@ -358,6 +369,8 @@ mod tests {
             synth_samples: 8,
             synth_image_size: 16,
             worker_args: Vec::new(),
+            stage: None,
+            init_checkpoint: None,
         }
     }
 
@@ -383,6 +396,17 @@ mod tests {
         assert_eq!((cfg.data.datasets[0].manifest.as_str(), cfg.model.embed_dim), ("/gen/manifest.json", 8));
         let err = local_config(&opts(Some(bare), None), None).expect_err("no data at all");
         assert!(format!("{err:#}").contains("data.datasets"), "{err:#}");
+        // Stage 2 from a stage-1 run: the flags set loss.stage and model.init_checkpoint (made absolute).
+        let two = LaunchOptions {
+            stage: Some(2),
+            init_checkpoint: Some(PathBuf::from("/runs/s1/checkpoints")),
+            ..opts(None, None)
+        };
+        let cfg = local_config(&two, Some(Path::new("/gen/manifest.json"))).expect("stage 2");
+        assert_eq!((cfg.loss.stage, cfg.model.init_checkpoint.as_str()), (2, "/runs/s1/checkpoints"));
+        let err = local_config(&LaunchOptions { stage: Some(3), ..opts(None, None) }, Some(Path::new("/g/m.json")))
+            .expect_err("stage 3");
+        assert!(format!("{err:#}").contains("loss.stage"), "{err:#}");
         let err = local_config(&LaunchOptions { steps: Some(0), ..opts(None, None) }, None).expect_err("--steps 0");
         assert!(err.to_string().contains("--steps"), "{err}");
     }

@@ -81,6 +81,14 @@ enum Cmd {
         synth_samples: u64,
         #[arg(long, default_value_t = 64)]
         synth_image_size: u32,
+        /// Loss stage: 1 (the six sample-level terms) or 2 (all terms; start it from a stage-1 run
+        /// with --init-checkpoint).
+        #[arg(long)]
+        stage: Option<u32>,
+        /// A stage-1 checkpoint (a `step-N` directory, or a checkpoint directory with `latest`) to
+        /// start from: its weights (not the dense heads) and memory banks.
+        #[arg(long)]
+        init_checkpoint: Option<PathBuf>,
     },
 }
 
@@ -155,7 +163,19 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{job}: {}", hcmoco_coordinator::job::wire_state_name(r.state));
             Ok(())
         }
-        Cmd::Launch { local: _, workers, steps, out, data, job_file, worker_bin, synth_samples, synth_image_size } => {
+        Cmd::Launch {
+            local: _,
+            workers,
+            steps,
+            out,
+            data,
+            job_file,
+            worker_bin,
+            synth_samples,
+            synth_image_size,
+            stage,
+            init_checkpoint,
+        } => {
             let interrupt = CancellationToken::new();
             let on_signal = interrupt.clone();
             tokio::spawn(async move {
@@ -173,6 +193,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 synth_samples,
                 synth_image_size,
                 worker_args: Vec::new(),
+                stage,
+                init_checkpoint,
             };
             let outcome = launch::launch_local(opts, interrupt).await?;
             print!("{}", launch::summary(&outcome, started.elapsed()));

@@ -207,6 +207,64 @@ fn launch_local_runs_to_completion() {
     assert!(out_dir.join("job.toml").is_file() && out_dir.join("logs/worker-0.log").is_file());
 }
 
+/// The two-stage recipe from the command line: stage 1 with the memory-bank variant, then stage 2
+/// (`--stage 2 --init-checkpoint`) starting from it: the weights and banks load, every stage-2 term is
+/// trained, and the stage-2 checkpoint carries the banks. A missing stage-1 checkpoint is refused.
+#[test]
+fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = tmp.path().join("bank.toml");
+    std::fs::write(
+        &job,
+        "[data]\nimage_size = 32\n[model]\nbackbone = \"hrnet_small\"\nembed_dim = 32\nkeypoint_hidden = 32\nkeypoint_blocks = 1\n\
+         [loss]\nvariant = \"memory_bank\"\nnegatives = 64\ndicl_points = 50\n[runtime]\ntorch_threads = 1\n",
+    )
+    .expect("job file");
+    let launch = |out: &std::path::Path, extra: &[&str]| {
+        let out = Command::new(bin("hcmoco"))
+            .args([
+                "launch",
+                "--local",
+                "--workers",
+                "2",
+                "--steps",
+                "6",
+                "--synth-samples",
+                "40",
+                "--synth-image-size",
+            ])
+            .args(["32", "--job-file"])
+            .arg(&job)
+            .arg("--out")
+            .arg(out)
+            .args(extra)
+            .env("HCMOCO_WORKER_BIN", bin("hcmoco-worker"))
+            .output()
+            .expect("launch");
+        (
+            out.status.success(),
+            format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let s1 = tmp.path().join("s1");
+    let (ok, text) = launch(&s1, &[]);
+    assert!(ok, "stage 1: {text}");
+    let s1_ckpt = tmp.path().join("checkpoints/step-00000006");
+    assert!(s1_ckpt.join("banks.safetensors").is_file(), "stage 1 writes its banks: {text}");
+    let init = tmp.path().join("checkpoints").display().to_string();
+    let s2 = tmp.path().join("s2");
+    let (ok, text) = launch(&s2, &["--stage", "2", "--init-checkpoint", &init]);
+    assert!(ok, "stage 2: {text}");
+    for term in ["dicl_r2d", "dicl_d2r", "sscl_r2k", "sscl_d2k", "sscl_cross"] {
+        assert!(text.contains(term), "stage 2 reports {term}: {text}");
+    }
+    let log = std::fs::read_to_string(s2.join("logs/worker-0.log")).expect("worker log");
+    assert!(log.contains("initialised from") && log.contains("step-00000006"), "{log}");
+    let missing = tmp.path().join("nowhere").display().to_string();
+    let (ok, text) = launch(&tmp.path().join("s3"), &["--stage", "2", "--init-checkpoint", &missing]);
+    assert!(!ok && text.contains("model.init_checkpoint") && text.contains("nowhere"), "{text}");
+}
+
 /// `data inspect` prints counts and modalities; `data verify` passes on a good dataset and fails on a
 /// modified shard, naming it.
 #[test]
