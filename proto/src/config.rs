@@ -62,7 +62,7 @@ impl Default for JobConfig {
             name: "hcmoco".into(),
             seed: 0,
             steps: 50,
-            global_batch: 16,
+            global_batch: 224,
             workers: WorkersConfig::default(),
             data: DataConfig::default(),
             model: ModelConfig::default(),
@@ -117,7 +117,7 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             datasets: Vec::new(),
-            image_size: 64,
+            image_size: 320,
             crop_scale_min: 0.08,
             crop_scale_max: 1.2,
             scale_jitter: 0.25,

@@ -260,6 +260,23 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
     }
     let log = std::fs::read_to_string(s2.join("logs/worker-0.log")).expect("worker log");
     assert!(log.contains("initialised from") && log.contains("step-00000006"), "{log}");
+    // A stage-1 checkpoint of another architecture (2 SemGCN blocks here, 1 there) is refused, naming
+    // the tensors it lacks.
+    let two_blocks = tmp.path().join("two-blocks.toml");
+    let text = std::fs::read_to_string(&job).expect("job").replace("keypoint_blocks = 1", "keypoint_blocks = 2");
+    std::fs::write(&two_blocks, text).expect("job file");
+    let out = Command::new(bin("hcmoco"))
+        .args(["launch", "--local", "--workers", "1", "--steps", "2", "--synth-samples", "40", "--synth-image-size"])
+        .args(["32", "--stage", "2", "--init-checkpoint", &init, "--job-file"])
+        .arg(&two_blocks)
+        .arg("--out")
+        .arg(tmp.path().join("s4"))
+        .env("HCMOCO_WORKER_BIN", bin("hcmoco-worker"))
+        .output()
+        .expect("launch");
+    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("missing") && text.contains("kp.gcn.gconv_layers.1.gconv1.gconv.W"), "{text}");
     let missing = tmp.path().join("nowhere").display().to_string();
     let (ok, text) = launch(&tmp.path().join("s3"), &["--stage", "2", "--init-checkpoint", &missing]);
     assert!(!ok && text.contains("model.init_checkpoint") && text.contains("nowhere"), "{text}");

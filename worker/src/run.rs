@@ -475,7 +475,7 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         init_from_checkpoint(&mut trainer, std::path::Path::new(&cfg.model.init_checkpoint))
             .with_context(|| format!("model.init_checkpoint = {:?}", cfg.model.init_checkpoint))?;
     }
-    // Rank 0's state wins everywhere (the banks are identical: same seed, same initialisation).
+    // Rank 0's weights, statistics and memory banks everywhere.
     trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
     eprintln!("rank {rank}: ring formed, weights synchronised");
 

@@ -237,10 +237,18 @@ impl Trainer {
         }
     }
 
-    /// Makes every rank start from rank 0's parameters and buffers.
+    /// Makes every rank start from rank 0's parameters, buffers and memory banks (ranks build the
+    /// banks from the same seed, but a different maths library could round differently: rank 0's copy
+    /// makes them bit-identical by construction).
     pub fn broadcast_initial_state(&mut self) -> Result<(), CommError> {
         let mut params = self.params.data.shallow_clone();
         self.comm.broadcast(&mut params, 0)?;
+        if let Some(banks) = &self.banks {
+            for bank in &banks.bank.banks {
+                let mut bank = bank.shallow_clone();
+                self.comm.broadcast(&mut bank, 0)?;
+            }
+        }
         self.broadcast_buffers()
     }
 
