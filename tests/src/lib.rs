@@ -14,6 +14,19 @@ use hcmoco_proto::domain::JobId;
 use hcmoco_proto::{JobConfig, pb};
 use tokio_util::sync::CancellationToken;
 
+/// The python of the project's venv (`$HCMOCO_VENV`, else `~/.cache/hcmoco/venv-torch-2.11.0`), which
+/// `scripts/setup.sh` builds with torch, webdataset and timm. Tests that compare with Python fail
+/// without it (a missing venv is a broken set-up, not a reason to pass).
+pub fn venv_python() -> PathBuf {
+    let venv = std::env::var_os("HCMOCO_VENV").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+        home.join(".cache/hcmoco/venv-torch-2.11.0")
+    });
+    let python = venv.join("bin/python");
+    assert!(python.is_file(), "python venv not found at {} (set HCMOCO_VENV or run scripts/setup.sh)", venv.display());
+    python
+}
+
 /// Locates a workspace binary (`hcmoco` or `hcmoco-worker`).
 pub fn bin(name: &str) -> PathBuf {
     let var = if name == "hcmoco-worker" { "HCMOCO_WORKER_BIN" } else { "HCMOCO_BIN" };

@@ -6,8 +6,8 @@
 //! `docs/export.md` describes. And (no Python needed) bad weight and input files are refused with the tensor names listed.
 //!
 //! The timm test needs the venv that `scripts/setup.sh` builds (torch, safetensors, timm):
-//! `$HCMOCO_VENV`, or `~/.cache/hcmoco/venv-torch-2.11.0`. Without the venv it is skipped (it says so
-//! on stderr); with the venv but without timm it fails. Build the binaries first:
+//! `$HCMOCO_VENV`, or `~/.cache/hcmoco/venv-torch-2.11.0`. Without the venv, or without timm in it,
+//! it fails. Build the binaries first:
 //! `cargo build -p hcmoco-worker --bins`.
 
 use std::path::{Path, PathBuf};
@@ -15,21 +15,12 @@ use std::process::{Command, Output};
 
 use hcmoco_proto::JobConfig;
 use hcmoco_proto::config::{DatasetConfig, ModelConfig, Norm};
-use hcmoco_tests::bin;
+use hcmoco_tests::{bin, venv_python};
 use hcmoco_worker::checkpoint::{self, CheckpointMeta};
 use hcmoco_worker::export::ImageModality;
 use hcmoco_worker::hrnet::{HrNet, HrNetSpec, Upsample};
 use hcmoco_worker::weights::{self, Metadata};
 use tch::{Device, Kind, Tensor, nn};
-
-fn venv_python() -> Option<PathBuf> {
-    let venv = std::env::var_os("HCMOCO_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".cache/hcmoco/venv-torch-2.11.0")
-    });
-    let python = venv.join("bin/python");
-    python.is_file().then_some(python)
-}
 
 fn job(backbone: &str, upsample: Upsample) -> JobConfig {
     let mut cfg = JobConfig::default();
@@ -112,13 +103,7 @@ fn randomise(vars: &[(String, Tensor)]) {
 
 #[test]
 fn timm_hrnet_w18_loads_our_rgb_export_and_agrees() {
-    let Some(python) = venv_python() else {
-        eprintln!(
-            "SKIPPED timm_hrnet_w18_loads_our_rgb_export_and_agrees: no python venv at $HCMOCO_VENV or \
-             ~/.cache/hcmoco/venv-torch-2.11.0 (scripts/setup.sh builds it, with timm)"
-        );
-        return;
-    };
+    let python = venv_python();
     let tmp = tempfile::tempdir().expect("tempdir");
     tch::manual_seed(2024);
     let cfg = job("hrnet_w18", Upsample::Nearest);

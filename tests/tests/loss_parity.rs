@@ -5,12 +5,12 @@
 //!
 //! Needs `hcmoco-worker` built (`cargo build -p hcmoco-worker`) and the venv of `scripts/setup.sh`
 //! (`$HCMOCO_VENV`, or `~/.cache/hcmoco/venv-torch-2.11.0`); without the venv the Python comparisons
-//! are skipped with a message.
+//! fail, saying where they looked.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use hcmoco_tests::bin;
+use hcmoco_tests::{bin, venv_python};
 use hcmoco_worker::loss::{MemoryBank, Modality, TERMS};
 use tch::{Device, Kind, Tensor};
 
@@ -20,25 +20,6 @@ const D: i64 = 128;
 const H: i64 = 8;
 const W: i64 = 8;
 const P: i64 = 12;
-
-/// The venv's python, or `None` (and a message saying the test is skipped) when there is no venv.
-fn venv_python() -> Option<PathBuf> {
-    let venv = std::env::var_os("HCMOCO_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".cache/hcmoco/venv-torch-2.11.0")
-    });
-    let python = venv.join("bin/python");
-    if python.is_file() {
-        Some(python)
-    } else {
-        eprintln!(
-            "SKIPPED: no python venv at {} (set HCMOCO_VENV or run scripts/setup.sh): the PyTorch reference \
-             comparison did not run",
-            venv.display()
-        );
-        None
-    }
-}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("python/loss_parity.py")
@@ -204,7 +185,7 @@ type Case = (&'static str, Vec<(String, Tensor)>, Kind, Tolerance);
 
 #[test]
 fn loss_eval_matches_the_pytorch_reference() {
-    let Some(python) = venv_python() else { return };
+    let python = venv_python();
     let dir = tempfile::tempdir().expect("tempdir");
     let cases: [Case; 3] = [
         ("f64", eval_inputs(1), Kind::Double, Tolerance::AbsOrRel(1e-9)),
@@ -286,7 +267,7 @@ const K: usize = 5;
 
 #[test]
 fn memory_bank_matches_the_pytorch_reference() {
-    let Some(python) = venv_python() else { return };
+    let python = venv_python();
     let dir = tempfile::tempdir().expect("tempdir");
     let b = IDS.len();
     let depth_ids = [0i64, 3, 9, 15, 18, 20, 21];

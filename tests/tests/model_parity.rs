@@ -16,6 +16,7 @@ use std::process::Command;
 
 use hcmoco_data::KeypointLayout;
 use hcmoco_proto::config::{Dtype, ModelConfig, Norm};
+use hcmoco_tests::venv_python;
 use hcmoco_worker::hrnet::{HrNet, HrNetSpec, Upsample};
 use hcmoco_worker::model::Model;
 use hcmoco_worker::semgcn::SemGcn;
@@ -25,20 +26,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Relative tolerance of every comparison (f64 on both sides).
 const TOL: f64 = 1e-9;
-
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("HCMOCO_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".cache/hcmoco/venv-torch-2.11.0")
-    });
-    let python = venv.join("bin/python");
-    assert!(
-        python.is_file(),
-        "python venv not found at {} (set HCMOCO_VENV or run scripts/setup.sh, which installs torch)",
-        venv.display()
-    );
-    python
-}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("python/model_parity.py")

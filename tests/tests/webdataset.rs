@@ -8,21 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use hcmoco_data::{Dataset, KeypointLayout, Sample, SynthConfig};
+use hcmoco_tests::venv_python;
 use serde_json::Value;
-
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("HCMOCO_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".cache/hcmoco/venv-torch-2.11.0")
-    });
-    let python = venv.join("bin/python");
-    assert!(
-        python.is_file(),
-        "python venv not found at {} (set HCMOCO_VENV or run scripts/setup.sh, which installs webdataset)",
-        venv.display()
-    );
-    python
-}
 
 fn u64s(v: &Value, what: &str) -> Vec<u64> {
     v.as_array()
