@@ -220,9 +220,18 @@ fn memory_bank_two_ranks_match_one_rank_and_banks_stay_identical() {
         assert_eq!(n0, n1);
         assert!(t0.equal(t1), "{n0}: ranks' banks differ");
     }
-    // The banks were written: they differ from a fresh bank of the same seed where samples were seen.
     let (abs, _) = max_diffs(&banks(&one.state), &b0).expect("same banks");
     assert!(abs <= 1e-9, "1-rank and 2-rank banks differ by {abs:e}");
+    // The banks were written: they moved away from a fresh bank of the same seed (40 samples, 32 dims).
+    let fresh = hcmoco_worker::loss::MemoryBank::new(40, 32, 11, tch::Kind::Double, tch::Device::Cpu);
+    let mut fresh: Vec<(String, tch::Tensor)> = hcmoco_worker::train::BANK_NAMES
+        .iter()
+        .zip(&fresh.banks)
+        .map(|(n, t)| (n.to_string(), t.shallow_clone()))
+        .collect();
+    fresh.sort_by(|a, b| a.0.cmp(&b.0));
+    let (moved, _) = max_diffs(&fresh, &b0).expect("same bank names");
+    assert!(moved > 1e-3, "the banks were never updated (max change {moved:e})");
 }
 
 /// kill -9 of one worker in the middle of a run: the survivor's collective fails fast (no hang), the

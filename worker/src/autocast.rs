@@ -6,6 +6,11 @@
 //! (`at::autocast::set_autocast_dtype` / `set_autocast_enabled`, exported by libtorch_cpu, which every
 //! tch binary links). Parameters stay in their dtype; autocast casts operands of the listed operations
 //! (convolutions, matrix products) to bfloat16 and keeps precision-sensitive ones in float32.
+//!
+//! Like `torch.autocast`, the scope counts its nesting and clears libtorch's cast cache when the
+//! outermost scope ends: the cache keeps the bfloat16 copy of every float32 parameter, keyed by the
+//! tensor, and the optimizer updates parameters in place, so a cache outliving the forward pass would
+//! feed the next step the previous step's weights.
 
 // The four libtorch functions are declared here by their C++ symbol names.
 #![allow(unsafe_code)]
@@ -27,6 +32,12 @@ unsafe extern "C" {
     fn at_set_autocast_enabled(device_type: i8, enabled: bool);
     #[link_name = "_ZN2at8autocast19is_autocast_enabledEN3c1010DeviceTypeE"]
     fn at_is_autocast_enabled(device_type: i8) -> bool;
+    #[link_name = "_ZN2at8autocast17increment_nestingEv"]
+    fn at_increment_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast17decrement_nestingEv"]
+    fn at_decrement_nesting() -> i32;
+    #[link_name = "_ZN2at8autocast11clear_cacheEv"]
+    fn at_clear_cache();
 }
 
 fn device_type(device: Device) -> i8 {
@@ -49,8 +60,11 @@ pub fn bf16<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
     }
     impl Drop for Restore {
         fn drop(&mut self) {
-            // SAFETY: plain setters of libtorch's thread-local autocast state.
+            // SAFETY: plain functions over libtorch's thread-local autocast state.
             unsafe {
+                if at_decrement_nesting() == 0 {
+                    at_clear_cache();
+                }
                 at_set_autocast_enabled(self.device_type, self.enabled);
                 at_set_autocast_dtype(self.device_type, self.dtype);
             }
@@ -64,6 +78,7 @@ pub fn bf16<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> T {
             Restore { device_type: dt, enabled: at_is_autocast_enabled(dt), dtype: at_get_autocast_dtype(dt) };
         at_set_autocast_dtype(dt, SCALAR_BFLOAT16);
         at_set_autocast_enabled(dt, true);
+        at_increment_nesting();
         restore
     };
     f()
@@ -89,5 +104,22 @@ mod tests {
         assert_eq!(bf16(false, Device::Cpu, || a.mm(&b)).kind(), Kind::Float);
         // SAFETY: a getter of libtorch's thread-local state.
         assert!(!unsafe { at_is_autocast_enabled(DEVICE_CPU) });
+    }
+
+    #[test]
+    fn an_in_place_update_of_a_parameter_is_seen_by_the_next_scope() {
+        // A parameter (float32, requires grad) is what libtorch's cast cache keeps a bfloat16 copy of.
+        let w = Tensor::randn([8, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let first = bf16(true, Device::Cpu, || x.mm(&w));
+        {
+            let _guard = tch::no_grad_guard();
+            let _ = w.shallow_clone().g_add_scalar_(1.0);
+        }
+        let second = bf16(true, Device::Cpu, || x.mm(&w));
+        let expected = x.mm(&w.detach());
+        let err = (second.to_kind(Kind::Float) - &expected).abs().max().double_value(&[]);
+        assert!(err < 0.2, "the second forward used stale weights: off by {err}");
+        assert!(!first.equal(&second), "the update must change the output");
     }
 }

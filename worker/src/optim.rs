@@ -1,6 +1,11 @@
 //! SGD with momentum and weight decay (PyTorch semantics, dampening 0, no Nesterov) whose momentum
 //! buffers are explicit, named tensors: they are checkpointed with the weights and can be handed to a
 //! new worker. tch's optimizer hides them, hence this.
+//!
+//! One difference from `torch.optim.SGD`: a parameter without a gradient this step (the dense heads in
+//! stage 1, the depth encoder in a step without depth) gets a zero gradient, so momentum and weight
+//! decay still move it, where PyTorch would skip it; DDP with unused parameters does the same as we do.
+//! The dense heads are replaced at the start of stage 2, so their stage-1 drift does not matter.
 
 use tch::Tensor;
 

@@ -404,7 +404,8 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
             Some(start)
         })
         .collect();
-    let eligible = (cfg.loss.variant == "memory_bank").then(|| bank_eligibility(&datasets, &dataset_offsets));
+    let eligible =
+        (cfg.loss.variant == "memory_bank").then(|| bank_eligibility(&datasets, &dataset_offsets)).transpose()?;
     let mut loader = Loader::new(Arc::new(datasets), augment_cfg, cfg.seed, cfg.data.loader_threads as usize);
     let timeout = Duration::from_millis(cfg.collective.timeout_ms);
     // Device: --device, else the local rank's GPU for NCCL (ranks sharing a host), else the CPU.
@@ -636,21 +637,30 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
 }
 
 /// Per modality, the global ids of the samples that have it (memory-bank negatives are drawn from
-/// these): every sample has RGB and keypoints; depth is taken per shard from the manifest (a shard
-/// with some samples with depth counts all of its samples).
-fn bank_eligibility(datasets: &[Dataset], offsets: &[i64]) -> [Vec<i64>; 3] {
+/// these). RGB: every sample. Depth: the samples whose shard index lists a depth member (read from the
+/// tar headers of shards that have any; their bank rows are the only depth rows ever written).
+/// Keypoints: every sample, since every dataset has keypoints; a sample whose crops never show 2
+/// visible joints keeps its initial random row, which can still be drawn.
+fn bank_eligibility(datasets: &[Dataset], offsets: &[i64]) -> anyhow::Result<[Vec<i64>; 3]> {
     let all: Vec<i64> = (0..datasets.iter().map(|d| d.len() as i64).sum()).collect();
     let mut depth = Vec::new();
     for (d, &offset) in datasets.iter().zip(offsets) {
         let mut start = offset;
-        for shard in &d.manifest().shards {
-            if shard.with_depth > 0 {
+        for (i, shard) in d.manifest().shards.iter().enumerate() {
+            if shard.with_depth == shard.samples {
                 depth.extend(start..start + shard.samples as i64);
+            } else if shard.with_depth > 0 {
+                let reader = d.shard(i).with_context(|| format!("{}: shard {i}", d.manifest_path().display()))?;
+                depth.extend(
+                    (0..shard.samples as usize)
+                        .filter(|&k| reader.has_depth(k) == Some(true))
+                        .map(|k| start + k as i64),
+                );
             }
             start += shard.samples as i64;
         }
     }
-    [all.clone(), depth, all]
+    Ok([all.clone(), depth, all])
 }
 
 /// Stage 2's start: every variable of the stage-1 checkpoint but the dense heads (new in stage 2),
@@ -719,4 +729,41 @@ fn requests(step: u64, work: &pb::FetchWorkResponse) -> anyhow::Result<Vec<Reque
             slot: s.slot,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Depth negatives come only from samples that have depth, also in shards that mix both; ids
+    /// continue across datasets.
+    #[test]
+    fn bank_eligibility_lists_exactly_the_samples_with_depth() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut datasets = Vec::new();
+        for (i, (samples, depth_fraction)) in [(10u64, 0.5f32), (6, 1.0)].into_iter().enumerate() {
+            let dir = tmp.path().join(format!("d{i}"));
+            let cfg = hcmoco_data::SynthConfig {
+                samples,
+                image_size: 16,
+                depth_fraction,
+                shard_size: 4,
+                ..Default::default()
+            };
+            hcmoco_data::generate(&cfg, &dir).expect("synth");
+            datasets.push(Dataset::open(dir.join("manifest.json")).expect("open"));
+        }
+        let [rgb, depth, kp] = bank_eligibility(&datasets, &[0, 10]).expect("eligibility");
+        let mut want = Vec::new();
+        for (d, offset) in datasets.iter().zip([0i64, 10]) {
+            for k in 0..d.len() {
+                if d.get(k).expect("sample").depth.is_some() {
+                    want.push(offset + k as i64);
+                }
+            }
+        }
+        assert!(want.len() > 6 && want.len() < 16, "the first dataset mixes samples with and without depth: {want:?}");
+        assert_eq!(depth, want);
+        assert_eq!((rgb.len(), kp.len()), (16, 16));
+    }
 }

@@ -337,10 +337,9 @@ impl Trainer {
             Some(z) => scatter_depth(z, &[b, dim]),
             None => Tensor::zeros([b, dim], (kind, dev)),
         };
-        // Joints that can anchor SSCL part 1: visible, of a sample with the keypoint modality.
-        let vis: Vec<bool> = (0..batch.len() * joints as usize)
-            .map(|k| batch.joint_visible[k] && batch.has_keypoints[k / joints as usize])
-            .collect();
+        // Joints that anchor SSCL part 1: every visible joint (the fewer-than-2-visible rule belongs to
+        // the sample-level terms only), as `loss-eval` and the PyTorch reference count them.
+        let vis: Vec<bool> = batch.joint_visible.clone();
         let vis_kp_counts: Vec<f64> =
             vis.chunks(joints.max(1) as usize).map(|c| c.iter().filter(|&&v| v).count() as f64).collect();
         let mut dicl_counts = vec![0.0f64; batch.len()];
@@ -374,6 +373,18 @@ impl Trainer {
         let local = Tensor::cat(&parts, 1);
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
+        if rows == 0 {
+            // Every sample of the step was skipped (data.on_error = "skip") on every rank: all ranks see
+            // the same empty gather and leave the step together, without an update.
+            let terms = vec![0.0; self.objective.term_names().len()];
+            let elapsed = started.elapsed();
+            return Ok(StepOutcome {
+                terms,
+                total: 0.0,
+                compute: elapsed.saturating_sub(clock.comm),
+                comm: clock.comm,
+            });
+        }
         // The per-sample columns (and, in stage 2, the joint visibility) in one copy to the host.
         let host_cols = META + if stage2 { joints } else { 0 };
         let meta = Vec::<f64>::try_from(

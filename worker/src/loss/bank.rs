@@ -55,8 +55,8 @@ impl MemoryBank {
     /// draw: the list of `eligible` minus every occurrence of `exclude`, in the given order, `E` long;
     /// draw `i` takes index `(x_i * E) >> 64` with `x_i` the i-th output of splitmix64 started at
     /// `mix(seed ^ mix(epoch ^ mix(slot ^ NEGATIVES_SALT)))` (`NEGATIVES_SALT = 0x62616e6b62616e6b`),
-    /// so it depends on `(seed, epoch, slot)` only (two terms with the same candidate modality share
-    /// their negatives, as in the reference). Nothing to draw from (E = 0) gives an empty vector: that
+    /// so it depends on `(seed, epoch, slot)` only: two terms drawn with the same seed share their
+    /// negatives (the trainer mixes the term's index into `seed`, so each term draws its own). Nothing to draw from (E = 0) gives an empty vector: that
     /// happens only when `y` is the only sample with the candidate modality, so every anchor of the
     /// term is in the same case and the term's logits are the positive alone.
     pub fn negatives(seed: u64, epoch: u64, slot: u64, eligible: &[i64], exclude: i64, k: usize) -> Vec<i64> {
