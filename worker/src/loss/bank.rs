@@ -51,7 +51,8 @@ impl MemoryBank {
     }
 
     /// K negatives of one anchor: sample ids drawn uniformly with replacement from `eligible` (the ids of
-    /// the samples that have the candidate modality) without `exclude` (the anchor's own sample). The
+    /// the samples that have the candidate modality, sorted ascending) without `exclude` (the anchor's
+    /// own sample). The
     /// draw: the list of `eligible` minus every occurrence of `exclude`, in the given order, `E` long;
     /// draw `i` takes index `(x_i * E) >> 64` with `x_i` the i-th output of splitmix64 started at
     /// `mix(seed ^ mix(epoch ^ mix(slot ^ NEGATIVES_SALT)))` (`NEGATIVES_SALT = 0x62616e6b62616e6b`),
@@ -61,7 +62,11 @@ impl MemoryBank {
     /// term is in the same case and the term's logits are the positive alone.
     pub fn negatives(seed: u64, epoch: u64, slot: u64, eligible: &[i64], exclude: i64, k: usize) -> Vec<i64> {
         let mut s = Stream::new(mix(seed ^ mix(epoch ^ mix(slot ^ NEGATIVES_SALT))));
-        let excluded = eligible.iter().filter(|&&e| e == exclude).count();
+        // `eligible` is sorted: the occurrences of `exclude` are one run, found by binary search
+        // (this runs per anchor and per term, over lists as long as the dataset).
+        debug_assert!(eligible.is_sorted(), "eligible ids must be sorted ascending");
+        let at = eligible.partition_point(|&e| e < exclude);
+        let excluded = eligible[at..].partition_point(|&e| e == exclude);
         match excluded {
             0 => {
                 if eligible.is_empty() {
@@ -71,7 +76,6 @@ impl MemoryBank {
             }
             1 => {
                 // Skip over `exclude` without copying the list (it may be the whole dataset).
-                let at = eligible.iter().position(|&e| e == exclude).unwrap_or(eligible.len());
                 let len = eligible.len() - 1;
                 if len == 0 {
                     return Vec::new();
@@ -210,7 +214,7 @@ mod tests {
         assert!(all.contains(&3));
         assert!(MemoryBank::negatives(1, 2, 3, &[7], 7, 10).is_empty());
         assert!(MemoryBank::negatives(1, 2, 3, &[], 7, 10).is_empty());
-        let dup = MemoryBank::negatives(1, 2, 3, &[7, 1, 7], 7, 10);
+        let dup = MemoryBank::negatives(1, 2, 3, &[1, 7, 7], 7, 10);
         assert_eq!(dup, vec![1; 10]);
     }
 
