@@ -47,4 +47,10 @@ pub fn resolve_paths(cfg: &mut JobConfig, base: &Path) {
         d.manifest = abs(&d.manifest);
     }
     cfg.checkpoint.dir = abs(&cfg.checkpoint.dir);
+    let m = &mut cfg.model;
+    for path in [&mut m.init_checkpoint, &mut m.init_rgb_backbone, &mut m.init_depth_backbone] {
+        if !path.is_empty() {
+            *path = abs(path);
+        }
+    }
 }

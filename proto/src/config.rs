@@ -184,6 +184,12 @@ pub struct ModelConfig {
     /// Stage 2 starts from a stage-1 checkpoint (a `step-N` directory, or a checkpoint directory whose
     /// `latest` names one): every variable but the dense heads, and the memory banks. Empty: none.
     pub init_checkpoint: String,
+    /// HRNet weights in PyTorch's layout (a safetensors state dict with the official names, e.g. timm's
+    /// `hrnet_w18` with `features_only=True`, or an `hcmoco-worker export`) for the RGB backbone, loaded
+    /// after `init_checkpoint`. Empty: none.
+    pub init_rgb_backbone: String,
+    /// The same for the depth backbone (one input channel).
+    pub init_depth_backbone: String,
 }
 
 impl Default for ModelConfig {
@@ -198,6 +204,8 @@ impl Default for ModelConfig {
             keypoint_blocks: 4,
             dtype: Dtype::F32,
             init_checkpoint: String::new(),
+            init_rgb_backbone: String::new(),
+            init_depth_backbone: String::new(),
         }
     }
 }

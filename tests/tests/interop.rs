@@ -10,6 +10,7 @@
 //! it fails. Build the binaries first:
 //! `cargo build -p hcmoco-worker --bins`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -316,4 +317,36 @@ fn export_and_encode_refuse_bad_files_by_name() {
         maps.iter().map(|(_, t)| t.size()).collect::<Vec<_>>(),
         [vec![1, 8, 8, 8], vec![1, 16, 4, 4], vec![1, 32, 2, 2], vec![1, 64, 1, 1]]
     );
+}
+
+/// The other direction: weights made and trained (BatchNorm statistics) by timm initialise our RGB
+/// backbone through `model.init_rgb_backbone`'s loader, and our forward pass then gives timm's four
+/// branch maps; a state dict for the wrong architecture is refused, naming the tensors.
+#[test]
+fn timm_weights_initialise_our_rgb_backbone() {
+    let python = venv_python();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/timm_weights.py");
+    let out = Command::new(&python).arg(&script).arg(tmp.path()).output().expect("run python");
+    assert!(out.status.success(), "timm_weights.py failed: {}", String::from_utf8_lossy(&out.stderr));
+
+    let mut cfg = job("hrnet_w18", Upsample::Nearest).model;
+    cfg.embed_dim = 16;
+    let model =
+        hcmoco_worker::model::Model::new(&cfg, hcmoco_data::KeypointLayout::Mpii16, 0, Device::Cpu).expect("model");
+    model.load_backbone("rgb", &tmp.path().join("timm_state.safetensors")).expect("timm weights load");
+    let io: HashMap<String, Tensor> =
+        Tensor::read_safetensors(tmp.path().join("timm_io.safetensors")).expect("timm outputs").into_iter().collect();
+    let maps = tch::no_grad(|| model.rgb.branches(&io["input"], false));
+    for (i, ours) in maps.iter().enumerate() {
+        let theirs = &io[&format!("branch{}", i + 1)];
+        assert_eq!(ours.size(), theirs.size(), "branch {}", i + 1);
+        let diff = (ours - theirs).abs().max().double_value(&[]);
+        let scale = theirs.abs().max().double_value(&[]);
+        assert!(scale > 1e-3, "branch {}: timm's map is trivially small", i + 1);
+        assert!(diff <= 1e-4, "branch {}: max abs diff {diff:e}", i + 1);
+    }
+    // The depth backbone has one input channel: timm's RGB stem is refused by name.
+    let err = model.load_backbone("depth", &tmp.path().join("timm_state.safetensors")).expect_err("3 channels");
+    assert!(format!("{err:#}").contains("conv1.weight"), "{err:#}");
 }

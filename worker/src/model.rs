@@ -128,6 +128,21 @@ impl Model {
         Ok(Model { vs, rgb, depth, kp, kind, embed_dim: i64::from(cfg.embed_dim) })
     }
 
+    /// Loads a backbone from a safetensors file in PyTorch's layout (the official HRNet names, no
+    /// prefix: a timm `hrnet_w18` features state dict, or an `hcmoco-worker export`). `modality` is
+    /// `"rgb"` or `"depth"`. A missing, extra or mis-shaped tensor is refused, naming it.
+    pub fn load_backbone(&self, modality: &str, path: &std::path::Path) -> anyhow::Result<()> {
+        let prefix = format!("{modality}.backbone.");
+        let vars: Vec<(String, Tensor)> = self
+            .state()
+            .into_iter()
+            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|short| (short.to_string(), t)))
+            .collect();
+        anyhow::ensure!(!vars.is_empty(), "no backbone named {modality:?} (expected \"rgb\" or \"depth\")");
+        crate::weights::load_into(path, &vars)?;
+        Ok(())
+    }
+
     /// Whether a variable belongs to a dense head (new in stage 2: not loaded from stage 1).
     pub fn is_dense_head(name: &str) -> bool {
         name.starts_with("rgb.dense_head.") || name.starts_with("depth.dense_head.")

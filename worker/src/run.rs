@@ -476,6 +476,14 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         init_from_checkpoint(&mut trainer, std::path::Path::new(&cfg.model.init_checkpoint))
             .with_context(|| format!("model.init_checkpoint = {:?}", cfg.model.init_checkpoint))?;
     }
+    for (modality, path) in [("rgb", &cfg.model.init_rgb_backbone), ("depth", &cfg.model.init_depth_backbone)] {
+        if !path.is_empty() {
+            trainer
+                .model
+                .load_backbone(modality, std::path::Path::new(path))
+                .with_context(|| format!("model.init_{modality}_backbone = {path:?}"))?;
+        }
+    }
     // Rank 0's weights, statistics and memory banks everywhere.
     trainer.broadcast_initial_state().context("cannot broadcast rank 0's initial weights")?;
     eprintln!("rank {rank}: ring formed, weights synchronised");
