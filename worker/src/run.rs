@@ -278,7 +278,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         config,
         job_toml: joined.job_config_toml.clone(),
         assignment,
-        stop,
+        stop: stop.clone(),
         dump_state: opts.dump_state.clone(),
         device: opts.device.clone(),
     };
@@ -294,6 +294,27 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
             .unwrap_or("no message");
         Err(anyhow::anyhow!("the training thread panicked: {what}"))
     });
+    // A peer that was told to stop first (a cancel, a failure elsewhere) closes its connections before
+    // this rank's next heartbeat: a collective error here may be the echo of a stop. Ask the coordinator
+    // once, so the error leads with the job's reason rather than with the closed connection.
+    let result = match result {
+        Err(e) if stop.reason().is_none() => {
+            let req = pb::HeartbeatRequest {
+                worker_id: joined.worker_id.clone(),
+                generation: *generation.lock().unwrap_or_else(|p| p.into_inner()),
+                step: current_step.load(Ordering::Relaxed),
+            };
+            let mut c = client.clone();
+            match rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), c.heartbeat(req)).await }) {
+                Ok(Ok(resp)) if resp.get_ref().stop => {
+                    let why = resp.into_inner().message;
+                    Err(e.context(format!("stopping: {why}")))
+                }
+                _ => Err(e),
+            }
+        }
+        other => other,
+    };
     if let Err(e) = &result {
         // Best effort: tell the coordinator, so the job's status names the failure.
         let req = pb::ReportFailureRequest {
