@@ -53,15 +53,33 @@ def synthetic_batch(args, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def objective(out, batch, stage):
-    """The stage's terms at world size 1 (the whole batch in this process), summed."""
+def objective(out, batch, stage, banks=None, negatives=0):
+    """The stage's terms at world size 1 (the whole batch in this process), summed. With `banks` (one
+    N x D bank per modality), the sample-level terms use the memory-bank variant with `negatives` drawn
+    per anchor, and the banks are updated after."""
     b = batch["rgb"].shape[0]
     has_depth = batch["has_depth"]
     ones = torch.ones(b, dtype=torch.bool, device=has_depth.device)
     z_depth = out["z_rgb"].new_zeros(out["z_rgb"].shape).index_copy(0, has_depth.nonzero().flatten(), out["z_depth"])
     z = {"rgb": out["z_rgb"], "depth": z_depth, "kp": out["z_kp"]}
     has = {"rgb": ones, "depth": has_depth, "kp": ones}
-    total = sum(losses.sample_level_in_batch(z[a], z[m], has[a], has[m]) for a, m in losses.PAIRS)
+    if banks is None:
+        total = sum(losses.sample_level_in_batch(z[a], z[m], has[a], has[m]) for a, m in losses.PAIRS)
+    else:
+        ids = torch.arange(b, device=has_depth.device)
+        n = banks["rgb"].shape[0]
+        total = 0
+        for a, m in losses.PAIRS:
+            anchors = has[a] & has[m]
+            k = anchors.nonzero().flatten()
+            # Uniform over the other N - 1 samples: draw from N - 1 and skip the anchor's own id.
+            neg = torch.randint(0, n - 1, (k.numel(), negatives), device=has_depth.device)
+            neg = neg + (neg >= ids[k][:, None]).long()
+            total = total + losses.memory_bank_term(z[a][k], banks[m], ids[k], neg)
+        with torch.no_grad():
+            for mod in ("rgb", "depth", "kp"):
+                rows = has[mod].nonzero().flatten()
+                banks[mod] = losses.bank_update(banks[mod], ids[rows], z[mod][rows].detach())
     if stage == 2:
         dense_d = out["dense_rgb"].new_zeros(out["dense_rgb"].shape)
         dense_d = dense_d.index_copy(0, has_depth.nonzero().flatten(), out["dense_depth"])
@@ -92,6 +110,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--norm", default="batch")
+    p.add_argument("--bank-samples", type=int, default=0)
+    p.add_argument("--negatives", type=int, default=16384)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -99,6 +119,12 @@ def main():
     model = HCMoCoModel(args.backbone, "mpii16", norm=args.norm).to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     batch = synthetic_batch(args, device)
+    banks = None
+    if args.bank_samples > 0:
+        banks = {
+            m: torch.nn.functional.normalize(torch.randn(args.bank_samples, 128, device=device), dim=1)
+            for m in ("rgb", "depth", "kp")
+        }
     depth_in = batch["depth"] if batch["depth"].shape[0] > 0 else None
 
     def sync():
@@ -112,7 +138,7 @@ def main():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             out = model(batch["rgb"], depth_in, batch["keypoints"])
         out = {k: v.float() for k, v in out.items()}
-        loss = objective(out, batch, args.stage)
+        loss = objective(out, batch, args.stage, banks, args.negatives)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -126,6 +152,7 @@ def main():
     median = times[len(times) // 2]
     print(
         f"impl=pytorch backbone={args.backbone} batch={args.batch} image={args.image} stage={args.stage} "
+        f"variant={'memory_bank' if banks is not None else 'in_batch'} "
         f"threads={args.threads} device={args.device} autocast={args.bf16} median_ms={median:.2f} "
         f"samples_per_s={args.batch / (median / 1e3):.1f}"
     )

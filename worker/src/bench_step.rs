@@ -17,8 +17,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::batch::{Batch, map_side};
 use crate::comm::{Communicator, CpuOptions, PeerInfo, connect_cpu_with};
+use crate::loss::MemoryBank;
 use crate::model::Model;
-use crate::train::{Objective, Trainer, Variant};
+use crate::train::{Banks, Objective, Trainer, Variant};
 
 /// What `bench step` runs.
 #[derive(Debug, Clone)]
@@ -34,6 +35,8 @@ pub struct StepBenchSpec {
     pub device: Device,
     pub autocast: bool,
     pub norm: Norm,
+    /// Memory-bank variant: `Some((dataset size N, negatives K))`; `None`: in-batch.
+    pub memory_bank: Option<(i64, usize)>,
 }
 
 /// The synthetic batch (deterministic: seeded).
@@ -92,11 +95,19 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
     let layout = KeypointLayout::Mpii16;
     let cfg = ModelConfig { backbone: spec.backbone.clone(), norm: spec.norm, dtype: Dtype::F32, ..Default::default() };
     let model = Model::new(&cfg, layout, 0, spec.device)?;
-    let objective =
-        Objective { stage: spec.stage, variant: Variant::InBatch, temperature: 0.07, negatives: 0, seed: 0 };
+    let (variant, negatives) = match spec.memory_bank {
+        Some((_, k)) => (Variant::MemoryBank, k),
+        None => (Variant::InBatch, 0),
+    };
+    let objective = Objective { stage: spec.stage, variant, temperature: 0.07, negatives, seed: 0 };
+    // Every sample of the N-sample dataset eligible for every modality; the batch holds ids 0..B.
+    let banks = spec.memory_bank.map(|(n, _)| Banks {
+        bank: MemoryBank::new(n, i64::from(cfg.embed_dim), 0, model.kind, spec.device),
+        eligible: std::array::from_fn(|_| (0..n).collect()),
+    });
     let comm = world_of_one(spec.device)?;
     let joints = layout.num_joints() as i64;
-    let mut trainer = Trainer::new(model, comm, 0.9, 1e-4, objective, None, joints, 25 << 20);
+    let mut trainer = Trainer::new(model, comm, 0.9, 1e-4, objective, banks, joints, 25 << 20);
     trainer.autocast = spec.autocast;
     let batch = synthetic_batch(spec, joints, Kind::Float).to_device(spec.device);
     let sync = || {
@@ -119,11 +130,12 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
     times.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "impl=hcmoco backbone={} batch={} image={} stage={} threads={} device={:?} autocast={} median_ms={median:.2} samples_per_s={:.1}",
+        "impl=hcmoco backbone={} batch={} image={} stage={} variant={} threads={} device={:?} autocast={} median_ms={median:.2} samples_per_s={:.1}",
         spec.backbone,
         spec.batch,
         spec.image,
         spec.stage,
+        spec.memory_bank.map_or("in_batch".to_string(), |(n, k)| format!("memory_bank(N={n},K={k})")),
         spec.threads,
         spec.device,
         spec.autocast,

@@ -173,6 +173,12 @@ struct StepArgs {
     /// batch or group.
     #[arg(long, default_value = "batch")]
     norm: String,
+    /// The memory-bank variant with a bank of this many samples (0: in-batch).
+    #[arg(long, default_value_t = 0)]
+    bank_samples: i64,
+    /// Memory-bank variant: negatives per anchor.
+    #[arg(long, default_value_t = 16384)]
+    negatives: usize,
 }
 
 impl StepArgs {
@@ -195,6 +201,7 @@ impl StepArgs {
             device: hcmoco_worker::run::parse_device(&self.device)?,
             autocast: self.bf16,
             norm,
+            memory_bank: (self.bank_samples > 0).then_some((self.bank_samples, self.negatives)),
         })
     }
 }
