@@ -121,6 +121,8 @@ def main():
     batch = synthetic_batch(args, device)
     banks = None
     if args.bank_samples > 0:
+        if args.bank_samples <= args.batch:
+            p.error(f"--bank-samples {args.bank_samples}: the batch holds ids 0..{args.batch}: more are needed")
         banks = {
             m: torch.nn.functional.normalize(torch.randn(args.bank_samples, 128, device=device), dim=1)
             for m in ("rgb", "depth", "kp")

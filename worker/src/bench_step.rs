@@ -101,10 +101,18 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
     };
     let objective = Objective { stage: spec.stage, variant, temperature: 0.07, negatives, seed: 0 };
     // Every sample of the N-sample dataset eligible for every modality; the batch holds ids 0..B.
-    let banks = spec.memory_bank.map(|(n, _)| Banks {
-        bank: MemoryBank::new(n, i64::from(cfg.embed_dim), 0, model.kind, spec.device),
-        eligible: std::array::from_fn(|_| (0..n).collect()),
-    });
+    let banks = match spec.memory_bank {
+        Some((n, _)) => {
+            anyhow::ensure!(
+                n > spec.batch as i64,
+                "--bank-samples {n}: the batch holds ids 0..{}: more are needed",
+                spec.batch
+            );
+            let bank = MemoryBank::new(n, i64::from(cfg.embed_dim), 0, model.kind, spec.device);
+            Some(Banks::new(bank, std::array::from_fn(|_| (0..n).collect()))?)
+        }
+        None => None,
+    };
     let comm = world_of_one(spec.device)?;
     let joints = layout.num_joints() as i64;
     let mut trainer = Trainer::new(model, comm, 0.9, 1e-4, objective, banks, joints, 25 << 20);

@@ -2,10 +2,11 @@
 //! buffers are explicit, named tensors: they are checkpointed with the weights and can be handed to a
 //! new worker. tch's optimizer hides them, hence this.
 //!
-//! One difference from `torch.optim.SGD`: a parameter without a gradient this step (the dense heads in
-//! stage 1, the depth encoder in a step without depth) gets a zero gradient, so momentum and weight
-//! decay still move it, where PyTorch would skip it; DDP with unused parameters does the same as we do.
-//! The dense heads are replaced at the start of stage 2, so their stage-1 drift does not matter.
+//! One difference from `torch.optim.SGD` (with or without DDP): a parameter that no rank gave a
+//! gradient this step (the dense heads in stage 1, the depth encoder in a step where no rank has depth)
+//! gets a zero gradient, so momentum and weight decay still move it, where PyTorch would leave its
+//! gradient unset and skip it. The dense heads are replaced at the start of stage 2, so their stage-1
+//! drift does not matter; the depth encoder only skips an update in a step without any depth.
 
 use tch::Tensor;
 

@@ -477,10 +477,12 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         negatives: cfg.loss.negatives as usize,
         seed: cfg.seed,
     };
-    let banks = eligible.map(|eligible| Banks {
-        bank: MemoryBank::new(epoch_len as i64, i64::from(cfg.model.embed_dim), cfg.seed, model.kind, device),
-        eligible,
-    });
+    let banks = eligible
+        .map(|eligible| {
+            let bank = MemoryBank::new(epoch_len as i64, i64::from(cfg.model.embed_dim), cfg.seed, model.kind, device);
+            Banks::new(bank, eligible)
+        })
+        .transpose()?;
     let joints = first.layout.num_joints() as i64;
     let mut trainer = Trainer::new(
         model,

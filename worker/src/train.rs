@@ -67,16 +67,38 @@ impl Objective {
 }
 
 /// The memory-bank state of a trainer: the banks and, per modality, the global ids of the samples
-/// that have it (the rows negatives are drawn from).
+/// that have it (the rows negatives are drawn from), sorted ascending (checked by [`Banks::new`]).
 pub struct Banks {
     pub bank: MemoryBank,
-    pub eligible: [Vec<i64>; 3],
+    eligible: [Vec<i64>; 3],
 }
 
 /// Names of the banks in checkpoints and state dumps, in [`Modality`] order.
 pub const BANK_NAMES: [&str; 3] = ["bank.rgb", "bank.depth", "bank.kp"];
 
 impl Banks {
+    /// `eligible[m]`: the ids of the samples that have modality `m`, strictly ascending (the negative
+    /// draw finds the anchor's own id by binary search), each below the banks' row count.
+    pub fn new(bank: MemoryBank, eligible: [Vec<i64>; 3]) -> anyhow::Result<Banks> {
+        let rows = bank.banks[0].size()[0];
+        for (m, ids) in eligible.iter().enumerate() {
+            anyhow::ensure!(
+                ids.windows(2).all(|w| w[0] < w[1]),
+                "memory bank {}: eligible ids must be strictly ascending",
+                BANK_NAMES[m]
+            );
+            if let Some(&last) = ids.last() {
+                anyhow::ensure!(
+                    ids[0] >= 0 && last < rows,
+                    "memory bank {}: eligible ids {}..={last} outside its {rows} rows",
+                    BANK_NAMES[m],
+                    ids[0]
+                );
+            }
+        }
+        Ok(Banks { bank, eligible })
+    }
+
     /// The banks, copied to the CPU, named [`BANK_NAMES`].
     pub fn state_on_cpu(&self) -> Vec<(String, Tensor)> {
         BANK_NAMES
@@ -373,18 +395,6 @@ impl Trainer {
         let local = Tensor::cat(&parts, 1);
         let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
-        if rows == 0 {
-            // Every sample of the step was skipped (data.on_error = "skip") on every rank: all ranks see
-            // the same empty gather and leave the step together, without an update.
-            let terms = vec![0.0; self.objective.term_names().len()];
-            let elapsed = started.elapsed();
-            return Ok(StepOutcome {
-                terms,
-                total: 0.0,
-                compute: elapsed.saturating_sub(clock.comm),
-                comm: clock.comm,
-            });
-        }
         // The per-sample columns (and, in stage 2, the joint visibility) in one copy to the host.
         let host_cols = META + if stage2 { joints } else { 0 };
         let meta = Vec::<f64>::try_from(
@@ -398,6 +408,18 @@ impl Trainer {
             && (rows != want_rows as i64 || offset != want_offset)
         {
             return Err(StepError::RowMismatch { got: rows, want: want_rows as i64 });
+        }
+        if rows == 0 {
+            // Every sample of the step was skipped (data.on_error = "skip") on every rank: all ranks see
+            // the same empty gather and leave the step together, without an update.
+            let terms = vec![0.0; self.objective.term_names().len()];
+            let elapsed = started.elapsed();
+            return Ok(StepOutcome {
+                terms,
+                total: 0.0,
+                compute: elapsed.saturating_sub(clock.comm),
+                comm: clock.comm,
+            });
         }
         let local_range = offset..offset + batch.len();
         let g_has_depth: Vec<bool> = column(META_HAS_DEPTH).map(|x| x > 0.5).collect();
@@ -617,11 +639,31 @@ impl Trainer {
                         k,
                     ));
                 }
-                let negatives = Tensor::from_slice(&negatives).view([mine.len() as i64, k as i64]).to_device(dev);
+                // n x K, or n x 0 when the anchors' sample is the only one with the candidate modality
+                // (then every anchor of the term is that sample, and its logits are the positive alone).
+                let negatives = Tensor::from_slice(&negatives).view([mine.len() as i64, -1]).to_device(dev);
                 let rows: Vec<i64> = mine.iter().map(|&i| i as i64).collect();
                 let z_a = z[a as usize].index_select(0, &index(&rows, dev));
                 banks.bank.share(a, bm, &z_a, &anchor_ids, &negatives, self.objective.temperature, global_anchors)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn banks_refuse_unsorted_or_out_of_range_eligible_ids() {
+        let bank = || MemoryBank::new(5, 4, 0, Kind::Float, Device::Cpu);
+        let ok = [vec![0, 1, 2, 3, 4], vec![1, 3], vec![]];
+        assert!(Banks::new(bank(), ok).is_ok());
+        let err = Banks::new(bank(), [vec![0, 2, 1], vec![], vec![]]).err().expect("unsorted");
+        assert!(err.to_string().contains("bank.rgb") && err.to_string().contains("ascending"), "{err}");
+        let err = Banks::new(bank(), [vec![], vec![0, 0], vec![]]).err().expect("repeated");
+        assert!(err.to_string().contains("bank.depth"), "{err}");
+        let err = Banks::new(bank(), [vec![], vec![], vec![3, 5]]).err().expect("past the rows");
+        assert!(err.to_string().contains("bank.kp") && err.to_string().contains("5 rows"), "{err}");
     }
 }

@@ -62,9 +62,9 @@ impl MemoryBank {
     /// term is in the same case and the term's logits are the positive alone.
     pub fn negatives(seed: u64, epoch: u64, slot: u64, eligible: &[i64], exclude: i64, k: usize) -> Vec<i64> {
         let mut s = Stream::new(mix(seed ^ mix(epoch ^ mix(slot ^ NEGATIVES_SALT))));
-        // `eligible` is sorted: the occurrences of `exclude` are one run, found by binary search
-        // (this runs per anchor and per term, over lists as long as the dataset).
-        debug_assert!(eligible.is_sorted(), "eligible ids must be sorted ascending");
+        // `eligible` is sorted (the trainer's lists are checked once, in `Banks::new`): the occurrences
+        // of `exclude` are one run, found by binary search (this runs per anchor and per term, over
+        // lists as long as the dataset).
         let at = eligible.partition_point(|&e| e < exclude);
         let excluded = eligible[at..].partition_point(|&e| e == exclude);
         match excluded {
