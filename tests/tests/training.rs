@@ -123,8 +123,19 @@ struct RunResult {
 fn equivalence_run(dtype: Dtype, workers: u32, global_batch: u64, objective: Objective) -> RunResult {
     let tmp = tempfile::tempdir().expect("tempdir");
     let manifest = synth(&tmp.path().join("data"), 40, 32, 7);
+    run_job(
+        &tmp,
+        equivalence_config(&manifest, tmp.path(), dtype, workers, global_batch, objective),
+        workers,
+        objective,
+    )
+}
+
+/// Runs `cfg` with `workers` processes dumping their final state; `objective` says which terms to expect.
+fn run_job(tmp: &tempfile::TempDir, cfg: hcmoco_proto::JobConfig, workers: u32, objective: Objective) -> RunResult {
+    let steps = cfg.steps;
     let c = TestCoordinator::start();
-    let job = c.submit(equivalence_config(&manifest, tmp.path(), dtype, workers, global_batch, objective));
+    let job = c.submit(cfg);
     let dump = tmp.path().join("state");
     let dump_arg = dump.display().to_string();
     let mut procs: Vec<WorkerProc> = (0..workers)
@@ -137,7 +148,7 @@ fn equivalence_run(dtype: Dtype, workers: u32, global_batch: u64, objective: Obj
     }
     assert_eq!(state_of(&end), pb::JobState::Completed, "{}", end.message);
     let last = end.latest.as_ref().expect("metrics of the last step");
-    assert_eq!(last.step, 2);
+    assert_eq!(last.step, steps - 1);
     if objective.stage == 2 {
         for term in ["dicl_r2d", "dicl_d2r", "sscl_r2k", "sscl_d2k", "sscl_cross"] {
             let v = last.loss_terms.get(term).copied().unwrap_or_default();
@@ -203,6 +214,56 @@ fn stage_two_two_ranks_match_one_rank() {
     for dtype in [Dtype::F64, Dtype::F32] {
         assert_equivalent(dtype, Objective { stage: 2, memory_bank: false });
     }
+}
+
+/// Every parameter gradient of one stage-2 step, directly: with lr 1, no momentum and no weight decay,
+/// one SGD step leaves `p - g`, so `g = p_initial - p_final`. 2 ranks x 6 against 1 rank x 12, f64 to
+/// 1e-9 (and the loss).
+#[test]
+fn stage_two_parameter_gradients_match_one_rank() {
+    let unused = std::path::Path::new("/unused");
+    let objective = Objective { stage: 2, memory_bank: false };
+    let run = |workers: u32| {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let manifest = synth(&tmp.path().join("data"), 40, 32, 7);
+        let mut cfg = equivalence_config(&manifest, tmp.path(), Dtype::F64, workers, 12, objective);
+        cfg.steps = 1;
+        cfg.optimizer.lr = 1.0;
+        cfg.optimizer.lr_min = 1.0;
+        cfg.optimizer.momentum = 0.0;
+        cfg.optimizer.weight_decay = 0.0;
+        cfg.optimizer.schedule = Schedule::Constant;
+        run_job(&tmp, cfg, workers, objective)
+    };
+    let cfg = equivalence_config(unused, unused, Dtype::F64, 1, 12, objective);
+    let init =
+        hcmoco_worker::model::Model::new(&cfg.model, hcmoco_data::KeypointLayout::Mpii16, cfg.seed, tch::Device::Cpu)
+            .expect("model");
+    let params = init.parameters();
+    let grads = |state: &[(String, tch::Tensor)]| -> Vec<(String, tch::Tensor)> {
+        params
+            .iter()
+            .map(|(name, p0)| {
+                let p1 = &state.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not dumped")).1;
+                (name.clone(), p0.detach() - p1)
+            })
+            .collect()
+    };
+    let (one, two) = (run(1), run(2));
+    let (g1, g2) = (grads(&one.state), grads(&two.state));
+    let (abs, _) = max_diffs(&g1, &g2).expect("same parameters");
+    assert!(abs <= 1e-9, "parameter gradients differ by {abs:e}");
+    // Every parameter that the objective reaches got a gradient (the dense heads and both encoders).
+    for want in [
+        "rgb.dense_head.weight",
+        "depth.dense_head.weight",
+        "kp.gcn.gconv_input.gconv.W",
+        "depth.backbone.conv1.weight",
+    ] {
+        let g = &g1.iter().find(|(n, _)| n == want).expect(want).1;
+        assert!(g.abs().max().double_value(&[]) > 0.0, "{want} got no gradient");
+    }
+    assert!((one.loss - two.loss).abs() <= 1e-9 * one.loss.abs().max(1.0), "loss {} vs {}", one.loss, two.loss);
 }
 
 /// The memory-bank variant: 2 ranks match 1 rank (negatives are drawn per slot, banks are updated in
