@@ -78,9 +78,17 @@ pub fn find_worker_bin(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Whether the job file sets `checkpoint.dir` itself (rather than leaving the default).
+fn job_file_sets_checkpoint_dir(path: &Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read job file {}", path.display()))?;
+    let value: toml::Value = toml::from_str(&text).with_context(|| format!("job file {}", path.display()))?;
+    Ok(value.get("checkpoint").and_then(|c| c.get("dir")).is_some())
+}
+
 /// Builds the job config of a local launch. The job file (or the embedded default) is the base;
 /// `--data` replaces its datasets (a default job with no `--data` trains on `manifest`, the generated
-/// set); `--workers` and `--steps` override; the default job checkpoints under the output directory.
+/// set); `--workers` and `--steps` override; checkpoints go under the output directory unless the job
+/// file sets `checkpoint.dir`.
 pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::Result<JobConfig> {
     if let Some(0) = opts.steps {
         bail!("--steps must be at least 1");
@@ -113,7 +121,13 @@ pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::R
         let init = std::path::absolute(init).with_context(|| format!("--init-checkpoint {}", init.display()))?;
         cfg.model.init_checkpoint = init.display().to_string();
     }
-    if opts.job_file.is_none() {
+    // Checkpoints go under the output directory unless the job file names a place: two runs from one
+    // job file (stage 1, then stage 2) must not write into, and replace, each other's checkpoints.
+    let file_names_dir = match &opts.job_file {
+        Some(path) => job_file_sets_checkpoint_dir(path)?,
+        None => false,
+    };
+    if !file_names_dir {
         cfg.checkpoint.dir = opts.out.join("checkpoints").display().to_string();
     }
     resolve_paths(&mut cfg, &opts.out);
@@ -383,6 +397,13 @@ mod tests {
         let cfg = local_config(&opts(Some(job.clone()), None), None).expect("job file alone");
         assert!(cfg.data.datasets[0].manifest.ends_with("from-file/manifest.json"));
         assert_eq!((cfg.steps, cfg.workers.min, cfg.workers.max), (7, 3, 3));
+        // A job file without checkpoint.dir checkpoints under --out; one that names it keeps it.
+        assert_eq!(cfg.checkpoint.dir, "/runs/x/checkpoints");
+        let named = dir.path().join("named.toml");
+        std::fs::write(&named, "[checkpoint]\ndir = \"ck\"\n[[data.datasets]]\nmanifest = \"m.json\"\n")
+            .expect("write");
+        let cfg = local_config(&opts(Some(named), None), None).expect("named dir");
+        assert_eq!(cfg.checkpoint.dir, dir.path().join("ck").display().to_string());
         let cfg = local_config(&opts(Some(job), Some(PathBuf::from("/d/manifest.json"))), None).expect("with --data");
         assert_eq!(cfg.data.datasets.len(), 1);
         assert_eq!(cfg.data.datasets[0].manifest, "/d/manifest.json");

@@ -249,9 +249,9 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
     let s1 = tmp.path().join("s1");
     let (ok, text) = launch(&s1, &[]);
     assert!(ok, "stage 1: {text}");
-    let s1_ckpt = tmp.path().join("checkpoints/step-00000006");
+    let s1_ckpt = s1.join("checkpoints/step-00000006");
     assert!(s1_ckpt.join("banks.safetensors").is_file(), "stage 1 writes its banks: {text}");
-    let init = tmp.path().join("checkpoints").display().to_string();
+    let init = s1.join("checkpoints").display().to_string();
     let s2 = tmp.path().join("s2");
     let (ok, text) = launch(&s2, &["--stage", "2", "--init-checkpoint", &init]);
     assert!(ok, "stage 2: {text}");
@@ -260,6 +260,10 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
     }
     let log = std::fs::read_to_string(s2.join("logs/worker-0.log")).expect("worker log");
     assert!(log.contains("initialised from") && log.contains("step-00000006"), "{log}");
+    // Each run checkpoints under its own --out: stage 2 did not replace stage 1's step 6.
+    assert!(s2.join("checkpoints/step-00000006/banks.safetensors").is_file(), "{text}");
+    let s1_meta = std::fs::read_to_string(s1_ckpt.join("job.toml")).expect("stage 1 job");
+    assert!(s1_meta.contains("stage = 1"), "stage 1's checkpoint is still stage 1's: {s1_meta}");
     // A stage-1 checkpoint of another architecture (2 SemGCN blocks here, 1 there) is refused, naming
     // the tensors it lacks.
     let two_blocks = tmp.path().join("two-blocks.toml");
