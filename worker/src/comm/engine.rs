@@ -363,7 +363,15 @@ fn tx_step<P: Plan>(
     let header = RecordHeader::data(expected(plan, ctx, i), len, end - s.tx_off);
     let data = plan.tx_bytes(i, s.tx_off..end);
     let sent = match &mut links.tx {
-        Tx::Tcp(tcp) => tcp.try_send(&links.right.stream, &header, data).map_err(|e| links.right.error(ctx.op, e))?,
+        Tx::Tcp(tcp) => match tcp.try_send(&links.right.stream, &header, data) {
+            Ok(sent) => sent,
+            Err(e) => {
+                // A neighbour that gave up sends its notice (why, and whom it blames) before closing:
+                // the notice, still readable after the reset, is the better error than the write's.
+                read_control(&mut links.right_reader, &links.right, ctx.op)?;
+                return Err(links.right.error(ctx.op, e));
+            }
+        },
         Tx::Shm(shm) => shm.try_send(&header, data),
     };
     if !sent {
