@@ -334,7 +334,7 @@ fn timm_weights_initialise_our_rgb_backbone() {
     cfg.embed_dim = 16;
     let model =
         hcmoco_worker::model::Model::new(&cfg, hcmoco_data::KeypointLayout::Mpii16, 0, Device::Cpu).expect("model");
-    model.load_backbone("rgb", &tmp.path().join("timm_state.safetensors")).expect("timm weights load");
+    model.load_backbone(ImageModality::Rgb, &tmp.path().join("timm_state.safetensors")).expect("timm weights load");
     let io: HashMap<String, Tensor> =
         Tensor::read_safetensors(tmp.path().join("timm_io.safetensors")).expect("timm outputs").into_iter().collect();
     let maps = tch::no_grad(|| model.rgb.branches(&io["input"], false));
@@ -347,6 +347,7 @@ fn timm_weights_initialise_our_rgb_backbone() {
         assert!(diff <= 1e-4, "branch {}: max abs diff {diff:e}", i + 1);
     }
     // The depth backbone has one input channel: timm's RGB stem is refused by name.
-    let err = model.load_backbone("depth", &tmp.path().join("timm_state.safetensors")).expect_err("3 channels");
+    let err =
+        model.load_backbone(ImageModality::Depth, &tmp.path().join("timm_state.safetensors")).expect_err("3 channels");
     assert!(format!("{err:#}").contains("conv1.weight"), "{err:#}");
 }

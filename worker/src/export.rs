@@ -229,8 +229,7 @@ pub fn export(checkpoint: &Path, modality: ImageModality, output: &Path) -> anyh
     let meta = EncoderMeta::of_job(&cfg, modality).with_context(|| job_path.display().to_string())?;
     let (all, _) = weights::read(&model_path)?;
     let prefix = modality.checkpoint_prefix();
-    let found: Vec<(String, Tensor)> =
-        all.into_iter().filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t))).collect();
+    let found = weights::strip_prefix(&all, &prefix);
     anyhow::ensure!(
         !found.is_empty(),
         "{}: no tensors named {prefix}* (is it a checkpoint of an HRNet job?)",
@@ -407,10 +406,7 @@ mod tests {
         let net = HrNet::new(vs.root(), &HrNetSpec::small(), 3, Norm::Batch, 32, Upsample::Bilinear);
         let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let stripped: Vec<(String, Tensor)> = all
-            .iter()
-            .filter_map(|(n, t)| n.strip_prefix("rgb.backbone.").map(|s| (s.to_string(), t.shallow_clone())))
-            .collect();
+        let stripped = weights::strip_prefix(&all, &ImageModality::Rgb.checkpoint_prefix());
         weights::copy_into("checkpoint", &vars, &stripped).expect("copy");
         let x = Tensor::randn([2, 3, 40, 48], (Kind::Float, Device::Cpu));
         let want = tch::no_grad(|| net.forward_t(&x, false));

@@ -19,6 +19,7 @@ use hcmoco_proto::config::{Dtype, ModelConfig};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
+use crate::export::ImageModality;
 use crate::hrnet::{HrNet, HrNetSpec, Upsample};
 use crate::semgcn::SemGcn;
 
@@ -129,16 +130,10 @@ impl Model {
     }
 
     /// Loads a backbone from a safetensors file in PyTorch's layout (the official HRNet names, no
-    /// prefix: a timm `hrnet_w18` features state dict, or an `hcmoco-worker export`). `modality` is
-    /// `"rgb"` or `"depth"`. A missing, extra or mis-shaped tensor is refused, naming it.
-    pub fn load_backbone(&self, modality: &str, path: &std::path::Path) -> anyhow::Result<()> {
-        let prefix = format!("{modality}.backbone.");
-        let vars: Vec<(String, Tensor)> = self
-            .state()
-            .into_iter()
-            .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|short| (short.to_string(), t)))
-            .collect();
-        anyhow::ensure!(!vars.is_empty(), "no backbone named {modality:?} (expected \"rgb\" or \"depth\")");
+    /// prefix: a timm `hrnet_w18` features state dict, or an `hcmoco-worker export`). A missing, extra
+    /// or mis-shaped tensor is refused, naming it.
+    pub fn load_backbone(&self, modality: ImageModality, path: &std::path::Path) -> anyhow::Result<()> {
+        let vars = crate::weights::strip_prefix(&self.state(), &modality.checkpoint_prefix());
         crate::weights::load_into(path, &vars)?;
         Ok(())
     }

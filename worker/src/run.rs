@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::batch::{self, BatchOptions, SampleTag};
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::comm::{AbortHandle, Communicator, CpuOptions, PeerInfo, connect_cpu_with};
+use crate::export::ImageModality;
 use crate::loader::{Loader, Request};
 use crate::loss::MemoryBank;
 use crate::model::Model;
@@ -499,12 +500,14 @@ fn train_loop(ctx: TrainContext, listener: TcpListener) -> anyhow::Result<RunSum
         init_from_checkpoint(&mut trainer, std::path::Path::new(&cfg.model.init_checkpoint))
             .with_context(|| format!("model.init_checkpoint = {:?}", cfg.model.init_checkpoint))?;
     }
-    for (modality, path) in [("rgb", &cfg.model.init_rgb_backbone), ("depth", &cfg.model.init_depth_backbone)] {
+    for (modality, path) in
+        [(ImageModality::Rgb, &cfg.model.init_rgb_backbone), (ImageModality::Depth, &cfg.model.init_depth_backbone)]
+    {
         if !path.is_empty() {
             trainer
                 .model
                 .load_backbone(modality, std::path::Path::new(path))
-                .with_context(|| format!("model.init_{modality}_backbone = {path:?}"))?;
+                .with_context(|| format!("model.init_{}_backbone = {path:?}", modality.as_str()))?;
         }
     }
     // Rank 0's weights, statistics and memory banks everywhere.
@@ -708,16 +711,7 @@ fn init_from_checkpoint(trainer: &mut Trainer, path: &std::path::Path) -> anyhow
     let wanted: Vec<(String, Tensor)> =
         trainer.model.state().into_iter().filter(|(n, _)| !Model::is_dense_head(n)).collect();
     let given: Vec<(String, Tensor)> = model.into_iter().filter(|(n, _)| !Model::is_dense_head(n)).collect();
-    let expected: Vec<(String, Vec<i64>)> = wanted.iter().map(|(n, t)| (n.clone(), t.size())).collect();
-    crate::weights::check_names_and_shapes(&format!("{}/model.safetensors", dir.display()), &expected, &given)?;
-    {
-        let _guard = tch::no_grad_guard();
-        let by_name: std::collections::HashMap<&str, &Tensor> = given.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        for (name, var) in &wanted {
-            let mut var = var.shallow_clone();
-            var.copy_(by_name[name.as_str()]);
-        }
-    }
+    crate::weights::copy_into(&format!("{}/model.safetensors", dir.display()), &wanted, &given)?;
     if let Some(target) = &mut trainer.banks {
         let banks = banks.with_context(|| {
             format!(

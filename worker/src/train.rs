@@ -99,28 +99,20 @@ impl Banks {
         Ok(Banks { bank, eligible })
     }
 
+    /// The banks named [`BANK_NAMES`] (shallow: they share the banks' storage).
+    fn named(&self) -> Vec<(String, Tensor)> {
+        BANK_NAMES.iter().zip(&self.bank.banks).map(|(n, t)| (n.to_string(), t.shallow_clone())).collect()
+    }
+
     /// The banks, copied to the CPU, named [`BANK_NAMES`].
     pub fn state_on_cpu(&self) -> Vec<(String, Tensor)> {
-        BANK_NAMES
-            .iter()
-            .zip(&self.bank.banks)
-            .map(|(n, t)| (n.to_string(), t.detach().to_device(Device::Cpu)))
-            .collect()
+        self.named().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))).collect()
     }
 
     /// Replaces the banks with `state`'s (names [`BANK_NAMES`]); a missing, extra or mis-shaped bank is
     /// an error naming it.
     pub fn load(&mut self, state: &[(String, Tensor)], what: &str) -> anyhow::Result<()> {
-        let expected: Vec<(String, Vec<i64>)> =
-            BANK_NAMES.iter().zip(&self.bank.banks).map(|(n, t)| (n.to_string(), t.size())).collect();
-        crate::weights::check_names_and_shapes(what, &expected, state)?;
-        let _guard = tch::no_grad_guard();
-        for (name, bank) in BANK_NAMES.iter().zip(&mut self.bank.banks) {
-            if let Some((_, t)) = state.iter().find(|(n, _)| n == name) {
-                bank.copy_(t);
-            }
-        }
-        Ok(())
+        crate::weights::copy_into(what, &self.named(), state)
     }
 }
 
@@ -361,7 +353,7 @@ impl Trainer {
         };
         // Joints that anchor SSCL part 1: every visible joint (the fewer-than-2-visible rule belongs to
         // the sample-level terms only), as `loss-eval` and the PyTorch reference count them.
-        let vis: Vec<bool> = batch.joint_visible.clone();
+        let vis = &batch.joint_visible;
         let vis_kp_counts: Vec<f64> =
             vis.chunks(joints.max(1) as usize).map(|c| c.iter().filter(|&&v| v).count() as f64).collect();
         let mut dicl_counts = vec![0.0f64; batch.len()];
@@ -511,7 +503,7 @@ impl Trainer {
                 }
                 _ => (Tensor::zeros([], (kind, dev)), Tensor::zeros([], (kind, dev))),
             };
-            let vis_t = bools(&vis, dev).view([b, joints]);
+            let vis_t = bools(vis, dev).view([b, joints]);
             let r2k = loss::sscl_part1_share(&d.cell_rgb, &d.g, &vis_t, tau, global(META_VIS_KP));
             let d2k_anchors: usize =
                 column(META_VIS_KP).zip(g_has_depth.iter()).filter(|(_, h)| **h).map(|(n, _)| n as usize).sum();

@@ -97,6 +97,11 @@ pub fn names_and_shapes(tensors: &[(String, Tensor)]) -> Vec<(String, Vec<i64>)>
     tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect()
 }
 
+/// The tensors whose names start with `prefix`, renamed without it (shallow copies).
+pub fn strip_prefix(tensors: &[(String, Tensor)], prefix: &str) -> Vec<(String, Tensor)> {
+    tensors.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|s| (s.to_string(), t.shallow_clone()))).collect()
+}
+
 /// Copies `found` into the variables `vars` (same names and shapes, checked first; element types are
 /// converted), without recording gradients.
 pub fn copy_into(what: &str, vars: &[(String, Tensor)], found: &[(String, Tensor)]) -> anyhow::Result<()> {
