@@ -220,7 +220,7 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
          [loss]\nvariant = \"memory_bank\"\nnegatives = 64\ndicl_points = 50\n[runtime]\ntorch_threads = 1\n",
     )
     .expect("job file");
-    let launch = |out: &std::path::Path, extra: &[&str]| {
+    let launch = |job: &std::path::Path, out: &std::path::Path, extra: &[&str]| {
         let out = Command::new(bin("hcmoco"))
             .args([
                 "launch",
@@ -234,7 +234,7 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
                 "--synth-image-size",
             ])
             .args(["32", "--job-file"])
-            .arg(&job)
+            .arg(job)
             .arg("--out")
             .arg(out)
             .args(extra)
@@ -247,13 +247,13 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
         )
     };
     let s1 = tmp.path().join("s1");
-    let (ok, text) = launch(&s1, &[]);
+    let (ok, text) = launch(&job, &s1, &[]);
     assert!(ok, "stage 1: {text}");
     let s1_ckpt = s1.join("checkpoints/step-00000006");
     assert!(s1_ckpt.join("banks.safetensors").is_file(), "stage 1 writes its banks: {text}");
     let init = s1.join("checkpoints").display().to_string();
     let s2 = tmp.path().join("s2");
-    let (ok, text) = launch(&s2, &["--stage", "2", "--init-checkpoint", &init]);
+    let (ok, text) = launch(&job, &s2, &["--stage", "2", "--init-checkpoint", &init]);
     assert!(ok, "stage 2: {text}");
     for term in ["dicl_r2d", "dicl_d2r", "sscl_r2k", "sscl_d2k", "sscl_cross"] {
         assert!(text.contains(term), "stage 2 reports {term}: {text}");
@@ -269,20 +269,11 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
     let two_blocks = tmp.path().join("two-blocks.toml");
     let text = std::fs::read_to_string(&job).expect("job").replace("keypoint_blocks = 1", "keypoint_blocks = 2");
     std::fs::write(&two_blocks, text).expect("job file");
-    let out = Command::new(bin("hcmoco"))
-        .args(["launch", "--local", "--workers", "1", "--steps", "2", "--synth-samples", "40", "--synth-image-size"])
-        .args(["32", "--stage", "2", "--init-checkpoint", &init, "--job-file"])
-        .arg(&two_blocks)
-        .arg("--out")
-        .arg(tmp.path().join("s4"))
-        .env("HCMOCO_WORKER_BIN", bin("hcmoco-worker"))
-        .output()
-        .expect("launch");
-    let text = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{text}");
+    let (ok, text) = launch(&two_blocks, &tmp.path().join("s4"), &["--stage", "2", "--init-checkpoint", &init]);
+    assert!(!ok, "{text}");
     assert!(text.contains("missing") && text.contains("kp.gcn.gconv_layers.1.gconv1.gconv.W"), "{text}");
     let missing = tmp.path().join("nowhere").display().to_string();
-    let (ok, text) = launch(&tmp.path().join("s3"), &["--stage", "2", "--init-checkpoint", &missing]);
+    let (ok, text) = launch(&job, &tmp.path().join("s3"), &["--stage", "2", "--init-checkpoint", &missing]);
     assert!(!ok && text.contains("model.init_checkpoint") && text.contains("nowhere"), "{text}");
 }
 
