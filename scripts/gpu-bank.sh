@@ -3,10 +3,9 @@
 # (weights and banks), from scripts/gpu-check-job.toml. Run from the repository root with the carried
 # binaries in .carry/ (hcmoco-worker, hcmoco); output under $OUT (or /tmp).
 set -uo pipefail
-torch_dir="$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
-libs="$torch_dir/lib"
-for dir in "$(dirname "$torch_dir")"/nvidia/*/lib; do [ -d "$dir" ] && libs="$libs:$dir"; done
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# shellcheck source=scripts/device-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
+device_env || { echo "python3 cannot import torch"; exit 2; }
 out="${OUT:-/tmp}"
 job="$out/bank-job.toml"
 sed -e 's/^stage = 2/stage = 1\nvariant = "memory_bank"\nnegatives = 4096/' scripts/gpu-check-job.toml > "$job"

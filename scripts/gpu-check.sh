@@ -12,9 +12,11 @@
 # training steps on CUDA with the NCCL backend (scripts/gpu-check-job.toml). Output goes to stdout and, when $OUT is set, to
 # $OUT/gpu-check.txt. Exit status: nccl-check's (124 when it timed out).
 set -uo pipefail
+# shellcheck source=scripts/device-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
 
 check() {
-  local bin="${1:-${HCMOCO_WORKER_BIN:-}}" candidate torch_dir site libs dir rc
+  local bin="${1:-${HCMOCO_WORKER_BIN:-}}" candidate rc
   if [ -z "$bin" ]; then
     for candidate in target/release/hcmoco-worker target/debug/hcmoco-worker; do
       if [ -x "$candidate" ]; then bin="$candidate"; break; fi
@@ -26,19 +28,13 @@ check() {
     return 2
   fi
   timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "(no nvidia-smi)"
-  if ! torch_dir="$(timeout 120 python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')"; then
+  if ! device_env; then
     echo "python3 cannot import torch"
     return 2
   fi
   timeout 120 python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
     "nccl", ".".join(map(str, torch.cuda.nccl.version())), "gpus", torch.cuda.device_count())' || true
-  site="$(dirname "$torch_dir")"
-  libs="$torch_dir/lib"
-  for dir in "$site"/nvidia/*/lib; do
-    if [ -d "$dir" ]; then libs="$libs:$dir"; fi
-  done
-  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  export LIBTORCH="$torch_dir" NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RUST_LOG="${RUST_LOG:-info}"
+  export NCCL_DEBUG="${NCCL_DEBUG:-WARN}" RUST_LOG="${RUST_LOG:-info}"
   echo "binary: $bin"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   ldd "$bin" | grep "not found" || echo "all shared libraries of the binary resolve"

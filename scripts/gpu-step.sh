@@ -10,15 +10,12 @@
 #    project's Python reference (scripts/bench_step.py) on the same GPU, alternating, samples/s each.
 # Output goes to stdout and $OUT/gpu-step.txt when $OUT is set. SKIP_CHECK=1 skips part 1.
 set -uo pipefail
+# shellcheck source=scripts/device-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
 bin=.carry/hcmoco-worker
 run() {
   [ "${SKIP_CHECK:-0}" = 1 ] || HCMOCO_BIN=.carry/hcmoco bash scripts/gpu-check.sh "$bin"
-  local torch_dir site libs dir
-  torch_dir="$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
-  site="$(dirname "$torch_dir")"
-  libs="$torch_dir/lib"
-  for dir in "$site"/nvidia/*/lib; do [ -d "$dir" ] && libs="$libs:$dir"; done
-  export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  device_env || { echo "python3 cannot import torch"; return 2; }
   local common=(--backbone hrnet_w18 --batch 56 --image 320 --stage 2 --threads 8 --warmup 3 --iters 10)
   for round in 1 2; do
     echo "== round $round: ours fp32"
