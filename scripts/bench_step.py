@@ -83,17 +83,10 @@ def objective(out, batch, stage, banks=None, negatives=0):
     if stage == 2:
         dense_d = out["dense_rgb"].new_zeros(out["dense_rgb"].shape)
         dense_d = dense_d.index_copy(0, has_depth.nonzero().flatten(), out["dense_depth"])
-        r2d, d2r = losses.dicl(out["dense_rgb"], dense_d, batch["pixel_idx"], has_depth)
-        vis, cells = batch["joint_vis"], batch["joint_cells"]
-        feat_r = losses.joint_features(out["dense_rgb"], cells)
-        feat_d = losses.joint_features(out["dense_depth"], cells[has_depth])
-        g = out["g_kp"]
-        r2k = losses.sscl_part1(feat_r, g, vis)
-        d2k = losses.sscl_part1(feat_d, g[has_depth], vis[has_depth])
-        joint_index = torch.arange(JOINTS, device=vis.device).expand(vis.shape)
-        rows = torch.cat([feat_r[vis], feat_d[vis[has_depth]]])
-        joints = torch.cat([joint_index[vis], joint_index[has_depth][vis[has_depth]]])
-        total = total + r2d + d2r + r2k + d2k + losses.sscl_part2(rows, joints)
+        dense = losses.dense_terms(
+            out["dense_rgb"], dense_d, batch["pixel_idx"], has_depth, batch["joint_cells"], batch["joint_vis"], out["g_kp"]
+        )
+        total = total + sum(dense)
     return total
 
 

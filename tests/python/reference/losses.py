@@ -102,6 +102,24 @@ def sscl_part2(rows, joint, tau=TAU):
     return per_row.mean()
 
 
+def dense_terms(dense_rgb, dense_depth, pixel_idx, has_depth, joint_cells, joint_vis, g_kp, tau=TAU):
+    """The five stage-2 terms (DICL both ways, SSCL part 1 for RGB and depth, SSCL part 2), in
+    TERM_OUTPUTS order, from B x C x h x w dense maps (`dense_depth`'s rows of samples without depth are
+    never read), the P drawn cells per sample, each joint's (row, col) cell and visibility, and the
+    keypoint encoder's B x J x C joint outputs."""
+    r2d, d2r = dicl(dense_rgb, dense_depth, pixel_idx, has_depth, tau)
+    # Cells of invisible joints are never read: point them at (0, 0).
+    cells = torch.where(joint_vis[..., None], joint_cells, torch.zeros_like(joint_cells))
+    feat_r = joint_features(dense_rgb, cells)
+    feat_d = joint_features(dense_depth[has_depth], cells[has_depth])
+    r2k = sscl_part1(feat_r, g_kp, joint_vis, tau)
+    d2k = sscl_part1(feat_d, g_kp[has_depth], joint_vis[has_depth], tau)
+    joint_index = torch.arange(joint_vis.shape[1], device=joint_vis.device).expand(joint_vis.shape)
+    rows = torch.cat([feat_r[joint_vis], feat_d[joint_vis[has_depth]]])
+    joints = torch.cat([joint_index[joint_vis], joint_index[has_depth][joint_vis[has_depth]]])
+    return r2d, d2r, r2k, d2k, sscl_part2(rows, joints, tau)
+
+
 def loss_eval(inputs, tau=TAU):
     """Everything `hcmoco-worker loss-eval` writes, from the same named inputs (a dict of tensors)."""
     leaves = {name: inputs[name].detach().clone().requires_grad_(True) for name in GRAD_INPUTS}
@@ -116,20 +134,17 @@ def loss_eval(inputs, tau=TAU):
     terms = {}
     for a, m in PAIRS:
         terms[f"loss_{a}_{m}"] = sample_level_in_batch(z[a], z[m], has[a], has[m], tau)
-    terms["loss_dicl_r2d"], terms["loss_dicl_d2r"] = dicl(
-        leaves["dense_rgb"], leaves["dense_depth"], inputs["pixel_idx"], has_depth, tau
+    dense = dense_terms(
+        leaves["dense_rgb"],
+        leaves["dense_depth"],
+        inputs["pixel_idx"],
+        has_depth,
+        inputs["joint_cells"],
+        vis,
+        leaves["g_kp"],
+        tau,
     )
-    # Cells of invisible joints are never read: point them at (0, 0).
-    cells = torch.where(vis[..., None], inputs["joint_cells"], torch.zeros_like(inputs["joint_cells"]))
-    feat_r = joint_features(leaves["dense_rgb"], cells)
-    feat_d = joint_features(leaves["dense_depth"][has_depth], cells[has_depth])
-    g = leaves["g_kp"]
-    terms["loss_sscl_r2k"] = sscl_part1(feat_r, g, vis, tau)
-    terms["loss_sscl_d2k"] = sscl_part1(feat_d, g[has_depth], vis[has_depth], tau)
-    joint_index = torch.arange(vis.shape[1], device=vis.device).expand(vis.shape)
-    rows = torch.cat([feat_r[vis], feat_d[vis[has_depth]]])
-    joints = torch.cat([joint_index[vis], joint_index[has_depth][vis[has_depth]]])
-    terms["loss_sscl_cross"] = sscl_part2(rows, joints, tau)
+    terms.update(zip(TERM_OUTPUTS[len(PAIRS) :], dense))
 
     total = sum(terms[name] for name in TERM_OUTPUTS)
     grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
