@@ -155,6 +155,9 @@ pub struct Trainer {
     pub buckets: BucketPlan,
     /// The parameters' storage (the optimizer updates it in place).
     pub params: Flat,
+    /// The parameters, in the flat order (listed once: the backward pass asks for their gradients
+    /// every step).
+    param_tensors: Vec<Tensor>,
     /// The buffers' storage, by kind: floating-point statistics, and the integer counters
     /// (`num_batches_tracked`), broadcast from rank 0 after every step.
     buffers_float: Flat,
@@ -228,7 +231,9 @@ impl Trainer {
         bucket_bytes: usize,
     ) -> Trainer {
         let (kind, device) = (model.kind, model.vs.device());
-        let params = Flat::adopt(&model.parameters(), kind, device);
+        let named_params = model.parameters();
+        let params = Flat::adopt(&named_params, kind, device);
+        let param_tensors = named_params.into_iter().map(|(_, t)| t).collect();
         let opt = Sgd::new(&params, momentum, weight_decay);
         let shapes: Vec<Vec<i64>> = params.layout.iter().map(|(_, s)| s.clone()).collect();
         let buckets = BucketPlan::new(&shapes, kind, device, bucket_bytes);
@@ -246,6 +251,7 @@ impl Trainer {
             autocast: false,
             buckets,
             params,
+            param_tensors,
             buffers_float,
             buffers_int,
         }
@@ -526,8 +532,6 @@ impl Trainer {
         clock.time(|| self.comm.all_reduce_sum(&mut flat_grads))?;
         let mine = flat_grads.narrow(0, offset as i64, b);
         let block = |k: i64| mine.narrow(1, k * dim, dim);
-        let params: Vec<(String, Tensor)> = self.model.parameters();
-        let param_tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let mut surrogate = Tensor::zeros([], (kind, dev));
         if b > 0 {
             surrogate += (&fwd.z_rgb * block(0)).sum(None::<Kind>) + (&fwd.z_kp * block(2)).sum(None::<Kind>);
@@ -546,12 +550,12 @@ impl Trainer {
             }
         }
         let grads: Vec<Option<Tensor>> = if surrogate.requires_grad() {
-            Tensor::run_backward(&[&surrogate], &param_tensors, false, false)
+            Tensor::run_backward(&[&surrogate], &self.param_tensors, false, false)
                 .into_iter()
                 .map(|g| g.defined().then_some(g))
                 .collect()
         } else {
-            param_tensors.iter().map(|_| None).collect()
+            self.param_tensors.iter().map(|_| None).collect()
         };
 
         // 5. Parameter gradients summed over ranks in fused buckets (a missing gradient packs as
