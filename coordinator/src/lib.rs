@@ -5,6 +5,8 @@
 //! - [`plan`]: the data plan: seeded epochs of slots, a step's global batch, each rank's fixed slice.
 //! - [`state`]: [`Coordinator`], the in-memory state every handler shares: jobs, workers,
 //!   generations, heartbeat leases, committed steps.
+//! - [`membership`]: workers, sealed generations, and the rules that form the next one.
+//! - [`ledger`]: which rank of which generation trained every slot of every committed step.
 //! - [`service`]: the gRPC handlers (JobService, WorkerService): validate once, call the state.
 //! - [`server`]: [`server::run`] serves them plus gRPC health and reflection on a caller-bound listener.
 //! - [`client`], [`status`]: connecting to a coordinator and rendering job status for the CLI.
@@ -13,6 +15,8 @@
 pub mod client;
 pub mod job;
 pub mod launch;
+pub mod ledger;
+pub mod membership;
 pub mod plan;
 pub mod server;
 pub mod service;

@@ -93,6 +93,23 @@ impl JobService for JobApi {
         let state = self.coordinator.cancel(&req.job_id, &req.reason)?;
         Ok(Response::new(pb::CancelJobResponse { state: pb::JobState::from(state) as i32 }))
     }
+
+    async fn scale_job(&self, req: Request<pb::ScaleJobRequest>) -> Result<Response<pb::ScaleJobResponse>, Status> {
+        let req = domain::ScaleJob::try_from(req.into_inner())?;
+        let (workers, generation) = self.coordinator.scale(req)?;
+        Ok(Response::new(pb::ScaleJobResponse { workers, generation }))
+    }
+
+    type GetLedgerStream = Pin<Box<dyn Stream<Item = Result<pb::LedgerChunk, Status>> + Send + 'static>>;
+
+    async fn get_ledger(&self, req: Request<pb::GetLedgerRequest>) -> Result<Response<Self::GetLedgerStream>, Status> {
+        let req = domain::LedgerRef::try_from(req.into_inner())?;
+        let entries = self.coordinator.ledger(&req)?;
+        // Chunks of a few thousand entries keep every message far below gRPC's 4 MiB default.
+        let chunks: Vec<Result<pb::LedgerChunk, Status>> =
+            entries.chunks(4096).map(|c| Ok(pb::LedgerChunk { entries: c.to_vec() })).collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
 }
 
 #[tonic::async_trait]
@@ -109,16 +126,7 @@ impl WorkerService for WorkerApi {
         let req = domain::Rendezvous::try_from(req.into_inner())?;
         let resp = match self.coordinator.rendezvous(req, self.rendezvous_poll).await? {
             None => pb::RendezvousResponse { ready: false, ..Default::default() },
-            Some(a) => pb::RendezvousResponse {
-                ready: true,
-                generation: a.generation,
-                rank: a.rank,
-                world_size: a.peers.len() as u32,
-                peers: a.peers,
-                collective_bootstrap: a.bootstrap,
-                start_step: a.start_step,
-                restore_checkpoint: String::new(),
-            },
+            Some(a) => a.into(),
         };
         Ok(Response::new(resp))
     }
@@ -130,7 +138,10 @@ impl WorkerService for WorkerApi {
 
     async fn fetch_work(&self, req: Request<pb::FetchWorkRequest>) -> Result<Response<pb::FetchWorkResponse>, Status> {
         let req = domain::FetchWork::try_from(req.into_inner())?;
-        Ok(Response::new(self.coordinator.fetch_work(req)?))
+        let step = req.step;
+        let mut resp: pb::FetchWorkResponse = self.coordinator.fetch_work(req)?.into();
+        resp.step = step;
+        Ok(Response::new(resp))
     }
 
     async fn report_step(
@@ -148,5 +159,10 @@ impl WorkerService for WorkerApi {
         let req = domain::ReportFailure::try_from(req.into_inner())?;
         self.coordinator.report_failure(req)?;
         Ok(Response::new(pb::ReportFailureResponse {}))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let req = domain::Leave::try_from(req.into_inner())?;
+        Ok(Response::new(self.coordinator.leave(req)?))
     }
 }

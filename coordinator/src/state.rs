@@ -1,29 +1,39 @@
 //! The coordinator's state: jobs, their members, generations and committed progress.
 //!
 //! All state sits behind one mutex held for short, non-blocking sections. Every change to a job bumps
-//! that job's watch channel, which wakes long polls (rendezvous) and status streams. Time comes from
-//! `tokio::time::Instant`, so lease and settle logic runs under a paused clock in tests.
+//! that job's watch channel, which wakes status streams; rendezvous long polls wait on a second
+//! channel that moves only when a generation is sealed or opened, or the job ends, so thousands of
+//! waiting workers are not woken by every join. Time comes from `tokio::time::Instant`, so lease,
+//! settle and rejoin logic runs under a paused clock in tests.
 //!
-//! The embedded default keeps this state in memory; a persistent store (etcd, for failover) plugs in
-//! at the points marked `persist`, where a change becomes visible.
+//! Membership rules live in [`crate::membership`]; the ledger of who trained which slot in
+//! [`crate::ledger`]. The embedded default keeps this state in memory; a persistent store (etcd, for
+//! failover) plugs in at the points marked `persist`, where a change becomes visible.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hcmoco_proto::config::JobConfig;
-use hcmoco_proto::domain::{self, JobId, StepMetrics, WorkerCall, WorkerId};
+use hcmoco_proto::domain::{
+    self, Assignment, CallError, JobId, Membership, StateSource, StepMetrics, StepWork, Work, WorkerCall, WorkerId,
+};
 use hcmoco_proto::pb;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::job::JobState;
+use crate::ledger::Ledger;
+use crate::membership::{self, Change, Generation, Next, Offer, Worker};
 use crate::plan::DataPlan;
 
 /// How many steps from the committed one a rank may fetch: the step it trains, and the next (prefetched
 /// by its loader) while a slower rank has not yet reported the previous one.
 pub const MAX_INFLIGHT_STEPS: u64 = 3;
+
+/// How many membership events a job keeps.
+pub const MAX_EVENTS: usize = 64;
 
 /// Errors of coordinator operations, mapped once to gRPC codes.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +48,9 @@ pub enum CoordError {
     Precondition(String),
     #[error("{0}")]
     Full(String),
+    /// An error the worker acts on (rendezvous again, stop).
+    #[error(transparent)]
+    Call(#[from] CallError),
 }
 
 impl From<CoordError> for tonic::Status {
@@ -45,39 +58,17 @@ impl From<CoordError> for tonic::Status {
         let msg = e.to_string();
         match e {
             CoordError::Invalid(f) => f.into(),
-            CoordError::NoJob(_) | CoordError::NoWorker(_) => tonic::Status::not_found(msg),
+            CoordError::NoJob(_) => tonic::Status::not_found(msg),
+            CoordError::NoWorker(_) => CallError::UnknownWorker { message: msg }.into_status(),
             CoordError::Precondition(_) => tonic::Status::failed_precondition(msg),
             CoordError::Full(_) => tonic::Status::resource_exhausted(msg),
+            CoordError::Call(c) => c.into_status(),
         }
     }
 }
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-#[derive(Debug)]
-struct Worker {
-    id: WorkerId,
-    host_id: String,
-    collective_addr: String,
-    device: String,
-    last_seen: Instant,
-    last_seen_unix_ms: u64,
-    /// The collective bootstrap bytes this worker offered at its latest rendezvous (None: not yet).
-    bootstrap: Option<Vec<u8>>,
-    reported_steps: u64,
-    latest: Option<StepMetrics>,
-}
-
-/// One fixed membership: ranks 0..N-1 and how to reach them.
-#[derive(Debug, Clone)]
-struct Generation {
-    number: u64,
-    members: Vec<WorkerId>,
-    /// Rank 0's offer, fixed when rank 0 first rendezvouses in this generation; members wait for it.
-    bootstrap: Option<Vec<u8>>,
-    start_step: u64,
 }
 
 #[derive(Debug)]
@@ -88,21 +79,43 @@ struct Job {
     plan: DataPlan,
     state: JobState,
     message: String,
-    /// Joined workers in join order.
+    /// Joined workers in join order (members, joiners waiting, standbys, released ones not yet gone).
     workers: Vec<Worker>,
+    /// The latest sealed generation.
     generation: Option<Generation>,
+    /// The generation being formed, once the first has been sealed.
+    next: Option<Next>,
+    /// Workers of the latest generation's predecessors told to exit (scale-down).
+    released: Vec<WorkerId>,
+    /// The number of workers the job aims for.
+    target: u32,
     /// When `workers.min` workers were first waiting (the settle window starts).
     quorum_since: Option<Instant>,
     committed_steps: u64,
-    /// Reports of uncommitted steps: step -> rank -> metrics.
-    pending_reports: BTreeMap<u64, BTreeMap<u32, StepMetrics>>,
+    /// Reports of uncommitted steps: step -> rank -> report.
+    pending_reports: BTreeMap<u64, BTreeMap<u32, Report>>,
     latest: Option<StepMetrics>,
     latest_checkpoint: String,
+    /// The newest checkpoint whose step is committed: (steps it holds, directory).
+    committed_checkpoint: Option<(u64, String)>,
+    ledger: Ledger,
+    events: VecDeque<pb::JobEvent>,
     /// Samples skipped under `data.on_error = "skip"`, all ranks and steps.
     skipped_samples: u64,
     submitted_unix_ms: u64,
     updated_unix_ms: u64,
     changed: watch::Sender<u64>,
+    /// Moves when a generation is sealed or opened, or the job ends: what rendezvous polls wait on.
+    membership: watch::Sender<u64>,
+}
+
+/// One rank's report of one step.
+#[derive(Debug, Clone)]
+struct Report {
+    metrics: StepMetrics,
+    slots: std::ops::Range<u64>,
+    skipped: Vec<u64>,
+    checkpoint: Option<String>,
 }
 
 impl Job {
@@ -110,6 +123,30 @@ impl Job {
         self.updated_unix_ms = unix_ms();
         // persist: the job record changed here.
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn membership_changed(&mut self) {
+        self.membership.send_modify(|v| *v += 1);
+        self.touch();
+    }
+
+    fn event(&mut self, kind: &str, worker: Option<&WorkerId>, reason: impl Into<String>, step: u64) {
+        let generation = self.generation.as_ref().map_or(0, |g| g.number);
+        let rank = worker.and_then(|w| self.generation.as_ref()?.rank_of(w)).map_or(-1, |r| r as i32);
+        let e = pb::JobEvent {
+            unix_ms: unix_ms(),
+            kind: kind.into(),
+            generation,
+            worker_id: worker.map(|w| w.0.clone()).unwrap_or_default(),
+            rank,
+            reason: reason.into(),
+            step,
+        };
+        tracing::info!(job = %self.id, kind, generation, worker = %e.worker_id, rank, step, reason = %e.reason, "membership event");
+        if self.events.len() == MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
     }
 
     /// "job X is cancelled: why" (the reason is left out when there is none).
@@ -121,13 +158,21 @@ impl Job {
         }
     }
 
+    fn ended(&self) -> CallError {
+        CallError::JobEnded { state: self.state.as_str().into(), message: self.ended_because() }
+    }
+
     fn set_state(&mut self, to: JobState, message: impl Into<String>) -> Result<(), CoordError> {
         self.state =
             self.state.transition(to).map_err(|e| CoordError::Precondition(format!("job {}: {e}", self.id)))?;
         self.message = message.into();
         tracing::info!(job = %self.id, state = %to, message = %self.message, "job state changed");
-        self.touch();
+        self.membership_changed();
         Ok(())
+    }
+
+    fn worker(&self, id: &WorkerId) -> Option<&Worker> {
+        self.workers.iter().find(|w| &w.id == id)
     }
 
     fn worker_mut(&mut self, id: &WorkerId) -> Result<&mut Worker, CoordError> {
@@ -135,21 +180,38 @@ impl Job {
     }
 
     fn rank_of(&self, id: &WorkerId) -> Option<u32> {
-        self.generation.as_ref()?.members.iter().position(|m| m == id).map(|r| r as u32)
+        self.generation.as_ref()?.rank_of(id)
     }
 
-    /// Checks that a worker call belongs to the current generation and returns the caller's rank.
+    fn current_number(&self) -> u64 {
+        self.generation.as_ref().map_or(0, |g| g.number)
+    }
+
+    /// The generation workers must use now: the next one once the current one is broken.
+    fn live_number(&self) -> u64 {
+        match &self.next {
+            Some(n) if !n.drain() => n.number,
+            _ => self.current_number(),
+        }
+    }
+
+    /// Checks that a worker call belongs to the live generation and returns the caller's rank.
     fn member_rank(&self, call: &WorkerCall) -> Result<u32, CoordError> {
         let generation = self.generation.as_ref().ok_or_else(|| {
             CoordError::Precondition(format!("job {} has no generation yet: call Rendezvous first", self.id))
         })?;
-        if call.generation != generation.number {
-            return Err(CoordError::Precondition(format!(
-                "stale generation {} for worker {}: the current generation of job {} is {}; rendezvous again",
-                call.generation, call.worker_id, self.id, generation.number
-            )));
+        let live = self.live_number();
+        if call.generation != live || live != generation.number {
+            return Err(CallError::StaleGeneration {
+                current: live,
+                message: format!(
+                    "stale generation {} for worker {}: the current generation of job {} is {live}; rendezvous again",
+                    call.generation, call.worker_id, self.id
+                ),
+            }
+            .into());
         }
-        self.rank_of(&call.worker_id).ok_or_else(|| {
+        generation.rank_of(&call.worker_id).ok_or_else(|| {
             CoordError::Precondition(format!(
                 "worker {} is not a member of generation {}",
                 call.worker_id, generation.number
@@ -157,39 +219,235 @@ impl Job {
         })
     }
 
-    /// Seals the first generation when enough workers wait: at `workers.max` at once, else after the
+    /// Removes workers from the job (the caller drops them from the worker index).
+    fn remove_workers(&mut self, ids: &[WorkerId]) {
+        self.workers.retain(|w| !ids.contains(&w.id));
+    }
+
+    /// Seals the first generation when enough workers wait: at the target at once, else after the
     /// settle window that starts when `workers.min` are present.
-    fn maybe_seal(&mut self, now: Instant) -> Option<Instant> {
+    fn maybe_seal_first(&mut self, now: Instant) -> Option<Instant> {
         if self.state != JobState::Pending || self.generation.is_some() {
             return None;
         }
-        let waiting = self.workers.len() as u32;
-        if waiting < self.config.workers.min {
-            self.quorum_since = None;
+        let waiting: Vec<usize> = (0..self.workers.len()).filter(|&i| self.workers[i].offer.is_some()).collect();
+        let present = self.workers.len() as u32;
+        if present < self.config.workers.min || (waiting.len() as u32) < self.config.workers.min {
+            if present < self.config.workers.min {
+                self.quorum_since = None;
+            }
             return None;
         }
         let since = *self.quorum_since.get_or_insert(now);
         let deadline = since + Duration::from_millis(self.config.rendezvous.settle_ms);
-        if waiting < self.config.workers.max && now < deadline {
+        if (waiting.len() as u32) < self.target && now < deadline {
             return Some(deadline);
         }
-        // Ranks: workers sharing a host are adjacent (host order by first arrival), then join order.
-        let mut hosts: Vec<&str> = Vec::new();
-        for w in &self.workers {
-            if !hosts.contains(&w.host_id.as_str()) {
-                hosts.push(&w.host_id);
-            }
-        }
-        let mut order: Vec<usize> = (0..self.workers.len()).collect();
-        order.sort_by_key(|&i| (hosts.iter().position(|h| *h == self.workers[i].host_id), i));
-        let members: Vec<WorkerId> = order.iter().map(|&i| self.workers[i].id.clone()).collect();
-        let bootstrap = self.workers[order[0]].bootstrap.clone();
-        let number = 1;
-        tracing::info!(job = %self.id, generation = number, world = members.len(), "generation sealed");
-        self.generation = Some(Generation { number, members, bootstrap, start_step: self.committed_steps });
+        let chosen: Vec<usize> = waiting.into_iter().take(self.target as usize).collect();
+        self.seal(chosen, 0, None);
         // Pending -> Running is always legal here (checked state above).
         let _ = self.set_state(JobState::Running, "");
         None
+    }
+
+    /// Seals a generation of the workers at `chosen` (indices into `workers`, in preference order),
+    /// starting at `start_step`, with the state taken from `source` (None: decided here).
+    fn seal(&mut self, chosen: Vec<usize>, start_step: u64, source: Option<StateSource>) {
+        let hosts: Vec<&str> = chosen.iter().map(|&i| self.workers[i].host_id.as_str()).collect();
+        let order: Vec<usize> = membership::rank_order(&hosts).into_iter().map(|k| chosen[k]).collect();
+        let members: Vec<WorkerId> = order.iter().map(|&i| self.workers[i].id.clone()).collect();
+        let ranked_hosts: Vec<&str> = order.iter().map(|&i| self.workers[i].host_id.as_str()).collect();
+        let bootstrap = order.first().and_then(|&i| self.workers[i].offer.as_ref()).map(|o| o.bootstrap.clone());
+        let number = self.current_number() + 1;
+        let source = source.unwrap_or_else(|| {
+            // The first rank whose state reaches the start step; rank 0's fresh model otherwise.
+            let holder = order.iter().position(|&i| {
+                self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start_step))
+            });
+            StateSource::Rank(holder.unwrap_or(0) as u32)
+        });
+        let generation =
+            Generation::new(number, members.clone(), &ranked_hosts, bootstrap.unwrap_or_default(), start_step, source);
+        for &i in &order {
+            self.workers[i].offer = None;
+        }
+        self.ledger.open(number, members.iter().map(|m| m.0.clone()).collect(), start_step);
+        self.pending_reports.clear();
+        self.generation = Some(generation);
+        self.next = None;
+        let world = members.len();
+        self.event("generation", None, format!("world {world}"), start_step);
+        tracing::info!(job = %self.id, generation = number, world, start_step, "generation sealed");
+        self.membership_changed();
+    }
+
+    /// Opens the next generation (or turns a draining one into a break).
+    fn open_next(&mut self, change: Change, reason: String, now: Instant) {
+        let Some(g) = &self.generation else { return };
+        if self.state != JobState::Running {
+            return;
+        }
+        let boundary = if change.drains() { g.fetched_end.max(self.committed_steps) } else { self.committed_steps };
+        match &mut self.next {
+            Some(n) if !n.drain() => return, // already broken: the rendezvous is under way
+            Some(n) if change.drains() => {
+                let _ = n; // a drain is already under way: it picks up this change too
+                return;
+            }
+            Some(n) => {
+                // A break during a drain: the old generation stops at once.
+                n.change = change;
+                n.boundary = boundary;
+                n.window_from = Some(now);
+                n.reason = reason;
+            }
+            None => {
+                let number = g.number + 1;
+                self.next = Some(Next {
+                    number,
+                    change,
+                    boundary,
+                    window_from: (!change.drains()).then_some(now),
+                    below_min_since: None,
+                    reason,
+                });
+            }
+        }
+        self.membership_changed();
+    }
+
+    /// Tries to seal the next generation; returns when to look again if it is still forming, and the
+    /// workers evicted or lost on the way (to drop from the index).
+    fn maybe_reform(&mut self, now: Instant, dropped: &mut Vec<WorkerId>) -> Option<Instant> {
+        if self.state != JobState::Running {
+            return None;
+        }
+        let (Some(g), Some(next)) = (self.generation.clone(), self.next.clone()) else { return None };
+        if next.drain() && self.committed_steps < next.boundary.min(self.config.steps) {
+            return None; // members still train the old generation's steps before the boundary
+        }
+        if self.committed_steps >= self.config.steps {
+            return None;
+        }
+        let window_from = match self.next.as_mut() {
+            Some(n) => *n.window_from.get_or_insert(now),
+            None => now,
+        };
+        let rejoin_deadline = window_from + Duration::from_millis(self.config.rendezvous.rejoin_ms);
+        // Old members still registered and not leaving, in old rank order.
+        let old: Vec<usize> = g
+            .members
+            .iter()
+            .filter_map(|m| self.workers.iter().position(|w| &w.id == m))
+            .filter(|&i| !self.workers[i].leaving)
+            .collect();
+        let all_back = old.iter().all(|&i| self.workers[i].offer.is_some());
+        if !all_back && now < rejoin_deadline {
+            return Some(rejoin_deadline);
+        }
+        let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
+        let joiners: Vec<usize> = (0..self.workers.len())
+            .filter(|&i| {
+                let w = &self.workers[i];
+                !w.leaving && w.offer.is_some() && g.rank_of(&w.id).is_none() && !self.released.contains(&w.id)
+            })
+            .collect();
+        let target = self.target as usize;
+        let mut chosen: Vec<usize> = arrived.iter().copied().take(target).collect();
+        let released: Vec<usize> = arrived.iter().copied().skip(target).collect();
+        chosen.extend(joiners.iter().copied().take(target.saturating_sub(chosen.len())));
+        let lost: Vec<WorkerId> = g
+            .members
+            .iter()
+            .filter(|m| !arrived.iter().any(|&i| &self.workers[i].id == *m))
+            .cloned()
+            .collect();
+        if (chosen.len() as u32) < self.config.workers.min {
+            let since = match self.next.as_mut() {
+                Some(n) => *n.below_min_since.get_or_insert(now),
+                None => now,
+            };
+            let timeout = Duration::from_millis(self.config.workers.below_min_timeout_ms);
+            if now >= since + timeout {
+                let names: Vec<String> =
+                    lost.iter().map(|w| format!("{w} (rank {})", g.rank_of(w).unwrap_or(0))).collect();
+                let msg = format!(
+                    "{} of workers.min = {} workers left for generation {} after {} ({}); lost: {}",
+                    chosen.len(),
+                    self.config.workers.min,
+                    next.number,
+                    next.reason,
+                    if timeout.is_zero() {
+                        "workers.below_min_timeout_ms = 0".to_string()
+                    } else {
+                        format!("waited workers.below_min_timeout_ms = {}", self.config.workers.below_min_timeout_ms)
+                    },
+                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                );
+                let _ = self.set_state(JobState::Failed, msg);
+                return None;
+            }
+            if since == now {
+                self.event("below_min", None, format!("{} of workers.min = {}", chosen.len(), self.config.workers.min), next.boundary);
+            }
+            return Some(since + timeout);
+        }
+        // Evict old members that did not come back; release those beyond the target.
+        for w in &lost {
+            if self.worker(w).is_some() {
+                let kind = if self.worker(w).is_some_and(|x| x.leaving) { "leave" } else { "evicted" };
+                self.event(kind, Some(w), "did not rendezvous for the next generation", next.boundary);
+            }
+        }
+        let mut gone: Vec<WorkerId> = lost.clone();
+        for &i in &released {
+            let id = self.workers[i].id.clone();
+            self.event("released", Some(&id), format!("above the target of {target} workers"), next.boundary);
+            self.workers[i].offer = None;
+            self.released.push(id);
+        }
+        // Where the new generation starts, and whose state it takes.
+        let mut start = next.boundary.min(self.committed_steps);
+        let holder = chosen.iter().position(|&i| {
+            self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start))
+        });
+        let source = match holder {
+            Some(_) => None, // decided by seal (the first holder in rank order)
+            None => match self.committed_checkpoint.clone() {
+                Some((steps, dir)) if steps <= start => {
+                    if steps < start {
+                        self.rollback(steps, &format!("no worker holds the state of step {start}: restoring {dir}"));
+                    }
+                    start = steps;
+                    Some(StateSource::Checkpoint(dir))
+                }
+                _ => {
+                    if start > 0 {
+                        self.rollback(0, &format!("no worker holds the state of step {start} and no checkpoint is committed"));
+                    }
+                    start = 0;
+                    Some(StateSource::Rank(0))
+                }
+            },
+        };
+        // Indices move with the removal: choose again by id.
+        let chosen_ids: Vec<WorkerId> = chosen.iter().map(|&i| self.workers[i].id.clone()).collect();
+        gone.retain(|w| self.worker(w).is_some());
+        self.remove_workers(&gone);
+        dropped.extend(gone);
+        let chosen: Vec<usize> =
+            chosen_ids.iter().filter_map(|id| self.workers.iter().position(|w| &w.id == id)).collect();
+        self.seal(chosen, start, source);
+        None
+    }
+
+    /// Forgets committed progress from `steps` on: the ledger is truncated and the event recorded.
+    fn rollback(&mut self, steps: u64, why: &str) {
+        tracing::warn!(job = %self.id, from = self.committed_steps, to = steps, why, "rollback");
+        self.event("rollback", None, format!("from step {} to {steps}: {why}", self.committed_steps), steps);
+        self.committed_steps = steps;
+        self.ledger.truncate(steps);
+        self.pending_reports.clear();
     }
 
     fn commit_ready_steps(&mut self) {
@@ -198,14 +456,40 @@ impl Job {
             if reports.len() < world {
                 break;
             }
-            let reports = self.pending_reports.remove(&self.committed_steps).unwrap_or_default();
+            let step = self.committed_steps;
+            let reports = self.pending_reports.remove(&step).unwrap_or_default();
+            // The reported slices must tile the step's global batch, rank after rank.
+            let want = self.plan.step(step).slots;
+            let mut at = want.start;
+            for (rank, r) in &reports {
+                if r.slots.start != at {
+                    let msg = format!(
+                        "ledger: rank {rank} reported slots [{}, {}) of step {step}, but the slices must tile [{}, {}) (expected a slice from {at})",
+                        r.slots.start, r.slots.end, want.start, want.end
+                    );
+                    let _ = self.set_state(JobState::Failed, msg);
+                    return;
+                }
+                at = r.slots.end;
+            }
+            if at != want.end {
+                let msg = format!("ledger: the slices of step {step} end at {at}, not at {}", want.end);
+                let _ = self.set_state(JobState::Failed, msg);
+                return;
+            }
             // Loss terms are global (identical on every rank); throughput adds up across ranks.
-            let mut latest = reports.get(&0).cloned().unwrap_or_default();
-            latest.samples_per_sec = reports.values().map(|m| m.samples_per_sec).sum();
-            latest.local_samples = reports.values().map(|m| m.local_samples).sum();
-            latest.step_ms = reports.values().map(|m| m.step_ms).fold(0.0, f64::max);
-            latest.skipped_samples = reports.values().map(|m| m.skipped_samples).sum();
+            let mut latest = reports.get(&0).map(|r| r.metrics.clone()).unwrap_or_default();
+            latest.samples_per_sec = reports.values().map(|r| r.metrics.samples_per_sec).sum();
+            latest.local_samples = reports.values().map(|r| r.metrics.local_samples).sum();
+            latest.step_ms = reports.values().map(|r| r.metrics.step_ms).fold(0.0, f64::max);
+            latest.skipped_samples = reports.values().map(|r| r.metrics.skipped_samples).sum();
             self.skipped_samples += u64::from(latest.skipped_samples);
+            self.ledger.commit(step, reports.values().flat_map(|r| r.skipped.iter().copied()));
+            // A checkpoint is adopted when the step it follows commits.
+            if let Some(dir) = reports.values().find_map(|r| r.checkpoint.clone()) {
+                self.latest_checkpoint = dir.clone();
+                self.committed_checkpoint = Some((step + 1, dir));
+            }
             self.latest = Some(latest);
             self.committed_steps += 1;
             // persist: committed progress.
@@ -225,8 +509,8 @@ impl Job {
             committed_steps: self.committed_steps,
             total_steps: self.config.steps,
             epoch: plan.epoch,
-            generation: self.generation.as_ref().map_or(0, |g| g.number),
-            world_size: self.generation.as_ref().map_or(0, |g| g.members.len() as u32),
+            generation: self.current_number(),
+            world_size: self.generation.as_ref().map_or(0, |g| g.world()),
             min_workers: self.config.workers.min,
             max_workers: self.config.workers.max,
             workers: self
@@ -250,7 +534,31 @@ impl Job {
             submitted_unix_ms: self.submitted_unix_ms,
             updated_unix_ms: self.updated_unix_ms,
             skipped_samples: self.skipped_samples,
+            events: self.events.iter().cloned().collect(),
+            target_workers: self.target,
         }
+    }
+
+    /// The assignment of `id` in the latest generation.
+    fn assignment(&self, id: &WorkerId) -> Option<Assignment> {
+        let g = self.generation.as_ref()?;
+        let rank = g.rank_of(id)?;
+        let world = g.world();
+        let at = |r: u32| self.worker(&g.members[r as usize]).map(membership::neighbour).unwrap_or_default();
+        let (local_rank, local_world) = g.local[rank as usize];
+        Some(Assignment::Member(Membership {
+            generation: g.number,
+            rank,
+            world,
+            left: at((rank + world - 1) % world),
+            right: at((rank + 1) % world),
+            me: at(rank),
+            local_rank,
+            local_world,
+            bootstrap: g.bootstrap.clone(),
+            start_step: g.start_step,
+            source: g.source.clone(),
+        }))
     }
 }
 
@@ -262,18 +570,8 @@ struct Inner {
     next_worker: u64,
 }
 
-/// What a worker learns when its rendezvous completes.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Assignment {
-    pub generation: u64,
-    pub rank: u32,
-    pub peers: Vec<pb::Peer>,
-    pub bootstrap: Vec<u8>,
-    pub start_step: u64,
-}
-
-/// One rendezvous attempt: the assignment, or when to look again (the settle deadline, if one runs)
-/// and a receiver that fires on any change to the job.
+/// One rendezvous attempt: the assignment, or when to look again (a settle or rejoin deadline, if
+/// one runs) and a receiver that fires when membership changes.
 type Attempt = Result<Assignment, (Option<Instant>, watch::Receiver<u64>)>;
 
 /// The coordinator: shared by every service handler.
@@ -329,21 +627,28 @@ impl Coordinator {
         let job = Job {
             id: id.clone(),
             config_toml: config.to_toml(),
+            target: config.workers.max,
             config,
             plan,
             state: JobState::Pending,
             message: String::new(),
             workers: Vec::new(),
             generation: None,
+            next: None,
+            released: Vec::new(),
             quorum_since: None,
             committed_steps: 0,
             pending_reports: BTreeMap::new(),
             latest: None,
             latest_checkpoint: String::new(),
+            committed_checkpoint: None,
+            ledger: Ledger::default(),
+            events: VecDeque::new(),
             skipped_samples: 0,
             submitted_unix_ms: now,
             updated_unix_ms: now,
             changed: watch::channel(0).0,
+            membership: watch::channel(0).0,
         };
         tracing::info!(job = %id, name = %job.config.name, steps = job.config.steps, "job submitted");
         inner.jobs.insert(id.clone(), job);
@@ -374,7 +679,43 @@ impl Coordinator {
         Ok(job.state)
     }
 
-    /// Adds a worker to a job that has not started yet.
+    /// Sets the job's target number of workers (within [workers.min, workers.max]). Returns the target
+    /// and the generation that will carry it.
+    pub fn scale(&self, req: domain::ScaleJob) -> Result<(u32, u64), CoordError> {
+        let mut inner = self.lock();
+        let job = inner.jobs.get_mut(&req.job_id).ok_or_else(|| CoordError::NoJob(req.job_id.clone()))?;
+        let (min, max) = (job.config.workers.min, job.config.workers.max);
+        if !(min..=max).contains(&req.workers) {
+            return Err(domain::FieldError::new(
+                "workers",
+                format!("{} is outside [workers.min, workers.max] = [{min}, {max}] of job {}", req.workers, job.id),
+            )
+            .into());
+        }
+        if job.state.is_terminal() {
+            return Err(CoordError::Precondition(job.ended_because()));
+        }
+        let before = job.target;
+        job.target = req.workers;
+        if before != req.workers {
+            let step = job.committed_steps;
+            job.event("scale", None, format!("target {before} -> {}", req.workers), step);
+        }
+        let world = job.generation.as_ref().map_or(0, Generation::world);
+        let standbys = job.workers.iter().filter(|w| job.rank_of(&w.id).is_none() && !w.leaving).count() as u32;
+        let change = job.state == JobState::Running
+            && (req.workers < world || (req.workers > world && standbys > 0));
+        if change {
+            job.open_next(Change::Scale, format!("scale to {} workers", req.workers), Instant::now());
+        }
+        job.touch();
+        let carrying = if change { job.current_number() + 1 } else { job.current_number() };
+        Ok((job.target, carrying))
+    }
+
+    /// Adds a worker to a job. A running job admits it at the next step boundary when it has room
+    /// below the target; otherwise it waits as a standby. A join at the collective address of a known
+    /// worker replaces that worker (a restarted pod).
     pub fn join(&self, req: domain::Join) -> Result<pb::JoinResponse, CoordError> {
         let mut inner = self.lock();
         let job_id = match req.job_id {
@@ -398,42 +739,56 @@ impl Coordinator {
                 }
             }
         };
-        inner.next_worker += 1;
-        let worker_id = WorkerId(format!("w-{}", inner.next_worker));
+        let now = Instant::now();
         let job = inner.jobs.get_mut(&job_id).ok_or_else(|| CoordError::NoJob(job_id.clone()))?;
-        match job.state {
-            JobState::Pending => {}
-            JobState::Running => {
-                return Err(CoordError::Precondition(format!(
-                    "job {job_id} is already running with a sealed generation; joining a running job needs elastic membership, which this version does not have"
-                )));
-            }
-            s => return Err(CoordError::Precondition(format!("job {job_id} is {s}"))),
+        if job.state.is_terminal() {
+            return Err(CoordError::Precondition(format!("job {job_id} is {}", job.state)));
         }
-        if job.workers.len() as u32 >= job.config.workers.max {
+        let mut replaced = None;
+        if let Some(old) = job.workers.iter().find(|w| w.collective_addr == req.collective_addr).map(|w| w.id.clone()) {
+            let step = job.committed_steps;
+            job.event("lost", Some(&old), format!("replaced by a worker joining at its address {}", req.collective_addr), step);
+            if job.rank_of(&old).is_some() {
+                job.open_next(Change::Lost, format!("worker {old} was replaced at {}", req.collective_addr), now);
+            }
+            job.remove_workers(std::slice::from_ref(&old));
+            replaced = Some(old);
+        }
+        // Standbys are bounded: at most workers.max beyond the target.
+        let limit = job.target as usize + job.config.workers.max as usize;
+        if job.workers.len() >= limit {
             return Err(CoordError::Full(format!(
-                "job {job_id} already has workers.max = {} workers",
+                "job {job_id} already has {} workers (target {} plus workers.max = {} standbys)",
+                job.workers.len(),
+                job.target,
                 job.config.workers.max
             )));
         }
-        if let Some(other) = job.workers.iter().find(|w| w.collective_addr == req.collective_addr) {
-            return Err(CoordError::Precondition(format!(
-                "collective address {} is already used by worker {}",
-                req.collective_addr, other.id
-            )));
-        }
+        let worker_id = {
+            let n = &mut inner.next_worker;
+            *n += 1;
+            WorkerId(format!("w-{n}"))
+        };
+        let job = inner.jobs.get_mut(&job_id).ok_or_else(|| CoordError::NoJob(job_id.clone()))?;
         tracing::info!(job = %job_id, worker = %worker_id, host = %req.host_id, addr = %req.collective_addr, "worker joined");
         job.workers.push(Worker {
             id: worker_id.clone(),
             host_id: req.host_id,
             collective_addr: req.collective_addr,
             device: req.device,
-            last_seen: Instant::now(),
+            last_seen: now,
             last_seen_unix_ms: unix_ms(),
-            bootstrap: None,
+            offer: None,
             reported_steps: 0,
             latest: None,
+            leaving: false,
         });
+        if job.state == JobState::Running {
+            // Admitted at its first rendezvous (a drain opens then), so it is waiting when the
+            // generation forms.
+            let step = job.committed_steps;
+            job.event("join", Some(&worker_id), "", step);
+        }
         job.touch();
         let resp = pb::JoinResponse {
             worker_id: worker_id.0.clone(),
@@ -441,6 +796,9 @@ impl Coordinator {
             job_config_toml: job.config_toml.clone(),
             heartbeat_interval_ms: u32::try_from(job.config.heartbeat.interval_ms).unwrap_or(u32::MAX),
         };
+        if let Some(old) = replaced {
+            inner.worker_jobs.remove(&old);
+        }
         inner.worker_jobs.insert(worker_id, job_id);
         Ok(resp)
     }
@@ -448,7 +806,7 @@ impl Coordinator {
     fn with_worker_job<T>(
         &self,
         worker: &WorkerId,
-        f: impl FnOnce(&mut Job) -> Result<T, CoordError>,
+        f: impl FnOnce(&mut Job, &mut Vec<WorkerId>) -> Result<T, CoordError>,
     ) -> Result<T, CoordError> {
         let mut inner = self.lock();
         let job_id = inner.worker_jobs.get(worker).cloned().ok_or_else(|| CoordError::NoWorker(worker.clone()))?;
@@ -456,51 +814,74 @@ impl Coordinator {
         let w = job.worker_mut(worker)?;
         w.last_seen = Instant::now();
         w.last_seen_unix_ms = unix_ms();
-        f(job)
+        let mut dropped = Vec::new();
+        let r = f(job, &mut dropped);
+        for id in dropped {
+            inner.worker_jobs.remove(&id);
+        }
+        r
     }
 
-    /// One rendezvous attempt: the assignment if the worker's generation is sealed, else when to look
-    /// again (the settle deadline, if one is running) and a receiver that fires on any change.
+    /// One rendezvous attempt: the assignment if a generation has taken the worker in, else when to
+    /// look again and a receiver that fires on a membership change.
     fn try_rendezvous(&self, req: &domain::Rendezvous, now: Instant) -> Result<Attempt, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job| {
+        self.with_worker_job(&req.call.worker_id, |job, dropped| {
+            let me = &req.call.worker_id;
             if job.state.is_terminal() {
-                return Err(CoordError::Precondition(job.ended_because()));
+                return Err(job.ended().into());
             }
-            job.worker_mut(&req.call.worker_id)?.bootstrap = Some(req.collective_bootstrap.clone());
-            let deadline = job.maybe_seal(now);
-            let rank = job.rank_of(&req.call.worker_id);
-            if let (Some(g), Some(0)) = (job.generation.as_mut(), rank)
-                && g.bootstrap.is_none()
-            {
-                g.bootstrap = Some(req.collective_bootstrap.clone());
+            if let Some(pos) = job.released.iter().position(|w| w == me) {
+                let generation = job.current_number();
+                job.released.remove(pos);
+                job.remove_workers(std::slice::from_ref(me));
+                dropped.push(me.clone());
                 job.touch();
+                return Ok(Ok(Assignment::Released { generation }));
             }
-            if let (Some(g), Some(rank)) = (job.generation.clone(), rank)
-                && let (true, Some(bootstrap)) = (g.number > req.call.generation, g.bootstrap)
+            // Already taken into a generation newer than the caller's: answer it.
+            if let (Some(g), None) = (&job.generation, &job.next)
+                && g.number > req.call.generation
+                && g.rank_of(me).is_some()
+                && job.worker(me).is_some_and(|w| w.offer.is_none())
             {
-                let peers = g
-                    .members
-                    .iter()
-                    .filter_map(|m| job.workers.iter().find(|w| &w.id == m))
-                    .map(|w| pb::Peer {
-                        worker_id: w.id.0.clone(),
-                        host_id: w.host_id.clone(),
-                        collective_addr: w.collective_addr.clone(),
-                    })
-                    .collect();
-                return Ok(Ok(Assignment { generation: g.number, rank, peers, bootstrap, start_step: g.start_step }));
+                return Ok(Ok(job.assignment(me).expect("a member has an assignment")));
             }
-            if job.generation.is_some() && job.rank_of(&req.call.worker_id).is_none() {
-                return Err(CoordError::Precondition(format!(
-                    "worker {} is not part of job {}'s generation",
-                    req.call.worker_id, job.id
-                )));
+            job.worker_mut(me)?.offer =
+                Some(Offer { bootstrap: req.collective_bootstrap.clone(), state: req.state });
+            let deadline = if job.generation.is_none() {
+                job.maybe_seal_first(now)
+            } else {
+                let is_member = job.rank_of(me).is_some();
+                let current = job.current_number();
+                if job.next.is_none() {
+                    if is_member && req.call.generation == current {
+                        // A member asking for a new generation without a failure report (its report was
+                        // lost): its generation is broken all the same.
+                        job.open_next(Change::Failure, format!("worker {me} left generation {current}"), now);
+                    } else if !is_member && job.generation.as_ref().map_or(0, Generation::world) < job.target {
+                        job.open_next(Change::Join, format!("worker {me} is waiting"), now);
+                    }
+                }
+                job.maybe_reform(now, dropped)
+            };
+            if job.state.is_terminal() {
+                return Err(job.ended().into());
             }
-            Ok(Err((deadline, job.changed.subscribe())))
+            if let Some(g) = &job.generation
+                && g.number > req.call.generation
+                && job.next.is_none()
+                && let Some(a) = job.assignment(me)
+            {
+                return Ok(Ok(a));
+            }
+            if job.released.contains(me) {
+                return Ok(Ok(Assignment::Released { generation: job.current_number() }));
+            }
+            Ok(Err((deadline, job.membership.subscribe())))
         })
     }
 
-    /// Long poll until the worker's generation is sealed or `window` passes (then `Ok(None)`).
+    /// Long poll until a generation takes the worker in or `window` passes (then `Ok(None)`).
     pub async fn rendezvous(
         &self,
         req: domain::Rendezvous,
@@ -510,7 +891,13 @@ impl Coordinator {
         loop {
             let now = Instant::now();
             match self.try_rendezvous(&req, now)? {
-                Ok(a) => return Ok(Some(a)),
+                Ok(a) => {
+                    if let Assignment::Released { .. } = a {
+                        // Answered: the worker leaves the job.
+                        self.forget_released(&req.call.worker_id);
+                    }
+                    return Ok(Some(a));
+                }
                 Err((deadline, mut changed)) => {
                     if now >= give_up {
                         return Ok(None);
@@ -525,12 +912,23 @@ impl Coordinator {
         }
     }
 
+    fn forget_released(&self, id: &WorkerId) {
+        let mut inner = self.lock();
+        if let Some(job_id) = inner.worker_jobs.get(id).cloned()
+            && let Some(job) = inner.jobs.get_mut(&job_id)
+        {
+            job.released.retain(|w| w != id);
+            job.remove_workers(std::slice::from_ref(id));
+            inner.worker_jobs.remove(id);
+        }
+    }
+
     pub fn heartbeat(&self, req: domain::Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job| {
+        self.with_worker_job(&req.call.worker_id, |job, _| {
             // Completed jobs end through FetchWork (`done`); a stop is for failed or cancelled ones.
             let stop = matches!(job.state, JobState::Failed | JobState::Cancelled);
             Ok(pb::HeartbeatResponse {
-                generation: job.generation.as_ref().map_or(0, |g| g.number),
+                generation: job.live_number(),
                 job_state: pb::JobState::from(job.state) as i32,
                 stop,
                 message: if stop { job.ended_because() } else { String::new() },
@@ -538,23 +936,29 @@ impl Coordinator {
         })
     }
 
-    pub fn fetch_work(&self, req: domain::FetchWork) -> Result<pb::FetchWorkResponse, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job| {
-            if job.state.is_terminal() || req.step >= job.config.steps {
-                let message = match job.state {
-                    JobState::Failed | JobState::Cancelled => job.ended_because(),
-                    _ => String::new(),
-                };
-                return Ok(pb::FetchWorkResponse { done: true, step: req.step, message, ..Default::default() });
+    pub fn fetch_work(&self, req: domain::FetchWork) -> Result<Work, CoordError> {
+        self.with_worker_job(&req.call.worker_id, |job, _| {
+            match job.state {
+                JobState::Failed | JobState::Cancelled => return Ok(Work::Ended(job.ended_because())),
+                _ if job.state.is_terminal() || req.step >= job.config.steps => return Ok(Work::Done),
+                _ => {}
             }
             let rank = job.member_rank(&req.call)?;
-            let world = job.generation.as_ref().map_or(1, |g| g.members.len() as u32);
+            if let Some(n) = &job.next
+                && n.drain()
+                && req.step >= n.boundary
+            {
+                return Ok(Work::Rendezvous);
+            }
+            let g = job.generation.as_mut().expect("member_rank checked the generation");
+            let world = g.world();
             if req.step < job.committed_steps || req.step >= job.committed_steps + MAX_INFLIGHT_STEPS {
                 return Err(CoordError::Precondition(format!(
                     "step {} is not fetchable: {} steps are committed, at most {} may be in flight",
                     req.step, job.committed_steps, MAX_INFLIGHT_STEPS
                 )));
             }
+            g.fetched_end = g.fetched_end.max(req.step + 1);
             let sp = job.plan.step(req.step);
             let local = DataPlan::rank_slice(&sp.slots, rank, world);
             let samples = local
@@ -565,26 +969,22 @@ impl Coordinator {
                 })
                 .collect();
             let lr = job.config.learning_rate(sp.epoch, job.plan.epochs_for(job.config.steps));
-            Ok(pb::FetchWorkResponse {
-                done: false,
+            Ok(Work::Step(StepWork {
                 step: req.step,
                 epoch: sp.epoch,
                 step_in_epoch: sp.step_in_epoch,
-                global_slot_begin: sp.slots.start,
-                global_slot_end: sp.slots.end,
-                local_slot_begin: local.start,
-                local_slot_end: local.end,
+                global_slots: sp.slots,
+                local_slots: local,
                 samples,
                 learning_rate: lr,
-                message: String::new(),
-            })
+            }))
         })
     }
 
     pub fn report_step(&self, req: domain::ReportStep) -> Result<pb::ReportStepResponse, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job| {
+        self.with_worker_job(&req.call.worker_id, |job, _| {
             if job.state.is_terminal() {
-                return Err(CoordError::Precondition(job.ended_because()));
+                return Err(job.ended().into());
             }
             let rank = job.member_rank(&req.call)?;
             let step = req.metrics.step;
@@ -594,8 +994,14 @@ impl Coordinator {
                     job.committed_steps
                 )));
             }
-            if let Some(ckpt) = &req.checkpoint {
-                job.latest_checkpoint = ckpt.clone();
+            if let Some(n) = &job.next
+                && step >= n.boundary
+            {
+                return Err(CoordError::Precondition(format!(
+                    "report of step {step}: generation {} ends before step {}",
+                    job.current_number(),
+                    n.boundary
+                )));
             }
             let w = job.worker_mut(&req.call.worker_id)?;
             w.reported_steps = w.reported_steps.max(step + 1);
@@ -603,17 +1009,24 @@ impl Coordinator {
                 w.device = req.metrics.device.clone();
             }
             w.latest = Some(req.metrics.clone());
-            job.pending_reports.entry(step).or_default().insert(rank, req.metrics);
+            let report =
+                Report { metrics: req.metrics, slots: req.slots, skipped: req.skipped_slots, checkpoint: req.checkpoint };
+            job.pending_reports.entry(step).or_default().insert(rank, report);
+            let before = job.committed_steps;
             job.commit_ready_steps();
+            if job.committed_steps != before && job.next.as_ref().is_some_and(|n| n.drain()) {
+                // A drain may be complete: wake the members waiting in their rendezvous.
+                job.membership_changed();
+            }
             job.touch();
             Ok(pb::ReportStepResponse { committed_steps: job.committed_steps })
         })
     }
 
     pub fn report_failure(&self, req: domain::ReportFailure) -> Result<(), CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job| {
+        self.with_worker_job(&req.call.worker_id, |job, _| {
             // A report from an earlier generation must not touch the current one (0: before any).
-            let current = job.generation.as_ref().map_or(0, |g| g.number);
+            let current = job.current_number();
             if req.call.generation != 0 && req.call.generation != current {
                 return Err(CoordError::Precondition(format!(
                     "failure report from stale generation {} (current {current}) ignored",
@@ -623,17 +1036,60 @@ impl Coordinator {
             let rank = job.rank_of(&req.call.worker_id).map_or("-".to_string(), |r| r.to_string());
             let blame = req.failed_rank.map(|r| format!(" (attributed to rank {r})")).unwrap_or_default();
             tracing::warn!(job = %job.id, worker = %req.call.worker_id, step = req.step, message = %req.message, "worker reported a failure");
-            if !job.state.is_terminal() {
-                let msg = format!("worker {} (rank {rank}) failed at step {}{blame}: {}", req.call.worker_id, req.step, req.message);
-                job.set_state(JobState::Failed, msg)?;
+            if job.state.is_terminal() {
+                return Ok(());
+            }
+            let msg = format!("worker {} (rank {rank}) failed at step {}{blame}: {}", req.call.worker_id, req.step, req.message);
+            let already_broken = job.next.as_ref().is_some_and(|n| !n.drain());
+            let step = job.committed_steps;
+            job.event("failure", Some(&req.call.worker_id), msg.clone(), step);
+            match job.state {
+                JobState::Running if req.fatal => job.set_state(JobState::Failed, msg)?,
+                JobState::Running if req.call.generation == current && !already_broken => {
+                    job.open_next(Change::Failure, msg, Instant::now());
+                }
+                JobState::Running => job.touch(),
+                _ => job.set_state(JobState::Failed, msg)?,
             }
             Ok(())
         })
     }
 
-    /// Applies heartbeat leases: a member of a running generation that has been silent past the
-    /// job's `heartbeat.timeout_ms` fails the job (elastic re-forming arrives with elastic
-    /// membership); a silent worker still waiting for its first generation is dropped.
+    /// A member leaving on purpose: it trains the steps before the answer, then exits.
+    pub fn leave(&self, req: domain::Leave) -> Result<pb::LeaveResponse, CoordError> {
+        self.with_worker_job(&req.call.worker_id, |job, dropped| {
+            let me = req.call.worker_id.clone();
+            let step = job.committed_steps;
+            if job.rank_of(&me).is_none() || job.state != JobState::Running {
+                // Not training: it simply goes.
+                job.event("leave", Some(&me), "not a member", step);
+                job.remove_workers(std::slice::from_ref(&me));
+                dropped.push(me);
+                job.membership_changed();
+                return Ok(pb::LeaveResponse { until_step: step });
+            }
+            job.worker_mut(&me)?.leaving = true;
+            job.event("leave", Some(&me), "leaving (SIGTERM)", step);
+            job.open_next(Change::Leave, format!("worker {me} is leaving"), Instant::now());
+            let until = match &job.next {
+                Some(n) if n.drain() => n.boundary,
+                _ => job.committed_steps,
+            };
+            job.touch();
+            Ok(pb::LeaveResponse { until_step: until })
+        })
+    }
+
+    /// Every slot of the committed steps of `epoch`: who trained it, and whether it was skipped.
+    pub fn ledger(&self, req: &domain::LedgerRef) -> Result<Vec<pb::LedgerEntry>, CoordError> {
+        let inner = self.lock();
+        let job = inner.jobs.get(&req.job_id).ok_or_else(|| CoordError::NoJob(req.job_id.clone()))?;
+        Ok(job.ledger.entries(&job.plan, req.epoch, job.committed_steps))
+    }
+
+    /// Applies heartbeat leases and rendezvous deadlines: a silent member of a running generation is
+    /// lost (a new generation forms without it); a silent worker outside the generation is dropped;
+    /// a generation whose rejoin window or below-min wait has passed is sealed or fails the job.
     pub fn reap(&self, now: Instant) {
         let mut inner = self.lock();
         let mut dropped = Vec::new();
@@ -649,24 +1105,29 @@ impl Coordinator {
                 .map(|w| (w.id.clone(), w.host_id.clone(), now.saturating_duration_since(w.last_seen)))
                 .collect();
             for (id, host, quiet) in silent {
+                let step = job.committed_steps;
                 match job.rank_of(&id) {
-                    Some(rank) => {
+                    Some(rank) if job.state == JobState::Running => {
                         let msg = format!(
                             "worker {id} (rank {rank}, host {host}) lost: no heartbeat for {:.1}s",
                             quiet.as_secs_f64()
                         );
                         tracing::warn!(job = %job.id, worker = %id, rank, "worker lost");
-                        let _ = job.set_state(JobState::Failed, msg);
-                        break;
+                        job.event("lost", Some(&id), msg.clone(), step);
+                        job.open_next(Change::Lost, msg, now);
                     }
-                    None if job.state == JobState::Pending => {
-                        tracing::warn!(job = %job.id, worker = %id, "waiting worker lost, dropped");
-                        job.workers.retain(|w| w.id != id);
-                        dropped.push(id);
-                        job.touch();
+                    _ => {
+                        tracing::warn!(job = %job.id, worker = %id, "silent worker outside the generation dropped");
+                        job.event("lost", Some(&id), format!("no heartbeat for {:.1}s", quiet.as_secs_f64()), step);
                     }
-                    None => {}
                 }
+                job.remove_workers(std::slice::from_ref(&id));
+                job.released.retain(|w| w != &id);
+                dropped.push(id);
+                job.touch();
+            }
+            if job.next.is_some() {
+                job.maybe_reform(now, &mut dropped);
             }
         }
         for id in dropped {
@@ -678,7 +1139,7 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hcmoco_proto::domain::{FetchWork, Heartbeat, Join, Rendezvous, ReportStep};
+    use hcmoco_proto::domain::{FetchWork, HeldState, Heartbeat, Join, Leave, Rendezvous, ReportFailure, ReportStep};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -703,28 +1164,48 @@ mod tests {
         cfg
     }
 
+    fn join_at(c: &Coordinator, job: &JobId, host: &str, port: u16) -> Result<WorkerId, CoordError> {
+        c.join(Join {
+            job_id: Some(job.clone()),
+            host_id: host.into(),
+            collective_addr: format!("127.0.0.1:{port}"),
+            device: "cpu".into(),
+            pid: 1,
+        })
+        .map(|r| WorkerId(r.worker_id))
+    }
+
     fn join(c: &Coordinator, job: &JobId, host: &str, port: u16) -> WorkerId {
-        let r = c
-            .join(Join {
-                job_id: Some(job.clone()),
-                host_id: host.into(),
-                collective_addr: format!("127.0.0.1:{port}"),
-                device: "cpu".into(),
-                pid: 1,
-            })
-            .expect("join");
-        WorkerId(r.worker_id)
+        join_at(c, job, host, port).expect("join")
+    }
+
+    fn rdv_with(w: &WorkerId, generation: u64, state: Option<HeldState>) -> Rendezvous {
+        Rendezvous {
+            call: WorkerCall { worker_id: w.clone(), generation },
+            collective_bootstrap: w.0.as_bytes().to_vec(),
+            state,
+        }
     }
 
     fn rdv(w: &WorkerId) -> Rendezvous {
-        Rendezvous {
-            call: WorkerCall { worker_id: w.clone(), generation: 0 },
-            collective_bootstrap: w.0.as_bytes().to_vec(),
+        rdv_with(w, 0, None)
+    }
+
+    fn member(a: Option<Assignment>) -> Membership {
+        match a {
+            Some(Assignment::Member(m)) => m,
+            other => panic!("expected a membership, got {other:?}"),
         }
     }
 
     fn state(c: &Coordinator, job: &JobId) -> pb::JobState {
         pb::JobState::try_from(c.status(job).expect("status").state).expect("state")
+    }
+
+    /// Rendezvous calls running concurrently (as workers make them), answered when sealed.
+    fn spawn_rdv(c: &Coordinator, r: Rendezvous) -> tokio::task::JoinHandle<Result<Option<Assignment>, CoordError>> {
+        let c = c.clone();
+        tokio::spawn(async move { c.rendezvous(r, Duration::from_secs(30)).await })
     }
 
     #[tokio::test(start_paused = true)]
@@ -736,32 +1217,23 @@ mod tests {
         let b = join(&c, &job, "host-b", 1002);
         let a2 = join(&c, &job, "host-a", 1003);
         assert_eq!(state(&c, &job), pb::JobState::Pending);
-        // b's rendezvous seals the generation (max reached) but must wait for rank 0's bootstrap offer.
-        let pending_b = {
-            let c = c.clone();
-            let b = b.clone();
-            tokio::spawn(async move { c.rendezvous(rdv(&b), Duration::from_secs(5)).await })
-        };
+        let pending_b = spawn_rdv(&c, rdv(&b));
+        let pending_a2 = spawn_rdv(&c, rdv(&a2));
         tokio::task::yield_now().await;
-        assert_eq!(state(&c, &job), pb::JobState::Running);
-        let got_a = c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv").expect("sealed");
-        assert_eq!(got_a.rank, 0);
-        let got = pending_b.await.expect("task").expect("rdv").expect("ready once rank 0 offered");
-        assert_eq!(got.bootstrap, a.0.as_bytes(), "rank 0's offer reaches every member");
-        assert_eq!(got.generation, 1);
-        // Ranks: host-a's two workers first (host order by first arrival), then host-b.
-        let order: Vec<&str> = got.peers.iter().map(|p| p.worker_id.as_str()).collect();
-        assert_eq!(order, [a.0.as_str(), a2.0.as_str(), b.0.as_str()]);
-        assert_eq!(got.rank, 2);
-        // A running job refuses new workers; membership changes would need a new generation.
-        let late = c.join(Join {
-            job_id: Some(job.clone()),
-            host_id: "h".into(),
-            collective_addr: "127.0.0.1:9".into(),
-            device: "cpu".into(),
-            pid: 1,
-        });
-        assert!(matches!(late, Err(CoordError::Precondition(_))));
+        // Two of the three wait: the settle window runs, nothing is sealed yet.
+        assert_eq!(state(&c, &job), pb::JobState::Pending);
+        let got_a = member(c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv"));
+        assert_eq!(state(&c, &job), pb::JobState::Running, "sealed at max at once");
+        assert_eq!((got_a.rank, got_a.generation, got_a.world), (0, 1, 3));
+        let got_b = member(pending_b.await.expect("task").expect("rdv"));
+        let got_a2 = member(pending_a2.await.expect("task").expect("rdv"));
+        assert_eq!(got_b.bootstrap, a.0.as_bytes(), "rank 0's offer reaches every member");
+        // Ranks: host-a's two workers first (host order by first arrival), then host-b; a rank learns
+        // its neighbours and its place on its host, not the world.
+        assert_eq!((got_a2.rank, got_b.rank), (1, 2));
+        assert_eq!((got_a2.local_rank, got_a2.local_world, got_b.local_rank, got_b.local_world), (1, 2, 0, 1));
+        assert_eq!((got_b.left.worker_id.as_str(), got_b.right.worker_id.as_str()), (a2.0.as_str(), a.0.as_str()));
+        assert_eq!(got_a.source, StateSource::Rank(0));
     }
 
     #[tokio::test(start_paused = true)]
@@ -771,62 +1243,84 @@ mod tests {
         let job = c.submit(config(&f, 1, 2)).expect("submit");
         let a = join(&c, &job, "h", 1001);
         let t0 = Instant::now();
-        let got = c.rendezvous(rdv(&a), Duration::from_secs(10)).await.expect("rdv").expect("sealed after settle");
+        let got = member(c.rendezvous(rdv(&a), Duration::from_secs(10)).await.expect("rdv"));
         let waited = t0.elapsed();
         assert!(waited >= Duration::from_millis(1_000) && waited < Duration::from_millis(1_100), "{waited:?}");
-        assert_eq!((got.generation, got.rank, got.peers.len()), (1, 0, 1));
+        assert_eq!((got.generation, got.rank, got.world), (1, 0, 1));
         assert_eq!(got.bootstrap, a.0.as_bytes());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn rendezvous_below_min_answers_not_ready_after_the_poll_window() {
+    async fn rendezvous_below_min_answers_not_ready_and_joins_are_bounded() {
         let f = fixture(20);
         let c = Coordinator::new();
         let job = c.submit(config(&f, 2, 2)).expect("submit");
-        let a = join(&c, &job, "h", 1001);
-        assert_eq!(c.rendezvous(rdv(&a), Duration::from_secs(3)).await.expect("rdv"), None);
-        // Full: a third worker is refused.
-        let _b = join(&c, &job, "h", 1002);
-        let full = c.join(Join {
-            job_id: Some(job.clone()),
-            host_id: "h".into(),
-            collective_addr: "127.0.0.1:1003".into(),
-            device: "cpu".into(),
-            pid: 1,
-        });
-        assert!(matches!(full, Err(CoordError::Full(_))));
-        // Two workers cannot share a collective address.
-        let f2 = fixture(20);
-        let job2 = c.submit(config(&f2, 2, 2)).expect("submit");
-        join(&c, &job2, "h", 2001);
-        let dup = c.join(Join {
-            job_id: Some(job2),
-            host_id: "h".into(),
-            collective_addr: "127.0.0.1:2001".into(),
-            device: "cpu".into(),
-            pid: 1,
-        });
-        assert!(matches!(dup, Err(CoordError::Precondition(_))));
+        let _a = join(&c, &job, "h", 1001);
+        assert_eq!(c.rendezvous(rdv(&_a), Duration::from_secs(3)).await.expect("rdv"), None);
+        // Up to workers.max standbys beyond the target of 2; the fifth is refused.
+        for port in 1002..1005 {
+            join(&c, &job, "h", port);
+        }
+        assert!(matches!(join_at(&c, &job, "h", 1005), Err(CoordError::Full(_))));
+        // A join at a known collective address replaces that worker (a restarted pod).
+        let again = join(&c, &job, "h", 1001);
+        let ids: Vec<String> = c.status(&job).expect("status").workers.iter().map(|w| w.worker_id.clone()).collect();
+        assert!(ids.contains(&again.0) && !ids.contains(&_a.0), "{ids:?}");
+        assert!(matches!(
+            c.heartbeat(Heartbeat { call: WorkerCall { worker_id: _a, generation: 0 }, step: 0 }),
+            Err(CoordError::NoWorker(_))
+        ));
+    }
+
+    async fn running(c: &Coordinator, f: &Fixture, n: u32) -> (JobId, Vec<WorkerId>) {
+        let mut cfg = config(f, n.min(2), n);
+        cfg.steps = 12;
+        let job = c.submit(cfg).expect("submit");
+        let ws: Vec<WorkerId> = (0..n).map(|i| join(c, &job, "h", 1001 + i as u16)).collect();
+        let polls: Vec<_> = ws.iter().map(|w| spawn_rdv(c, rdv(w))).collect();
+        for p in polls {
+            member(p.await.expect("task").expect("rdv"));
+        }
+        (job, ws)
     }
 
     async fn running_pair(c: &Coordinator, f: &Fixture) -> (JobId, WorkerId, WorkerId) {
-        let job = c.submit(config(f, 2, 2)).expect("submit");
-        let a = join(c, &job, "h", 1001);
-        let b = join(c, &job, "h", 1002);
-        c.rendezvous(rdv(&a), Duration::from_secs(1)).await.expect("rdv").expect("sealed");
-        (job, a, b)
+        let (job, ws) = running(c, f, 2).await;
+        (job, ws[0].clone(), ws[1].clone())
     }
 
-    fn fetch(c: &Coordinator, w: &WorkerId, generation: u64, step: u64) -> Result<pb::FetchWorkResponse, CoordError> {
+    fn fetch(c: &Coordinator, w: &WorkerId, generation: u64, step: u64) -> Result<Work, CoordError> {
         c.fetch_work(FetchWork { call: WorkerCall { worker_id: w.clone(), generation }, step })
     }
 
-    fn report(c: &Coordinator, w: &WorkerId, step: u64) -> Result<pb::ReportStepResponse, CoordError> {
+    fn work(c: &Coordinator, w: &WorkerId, generation: u64, step: u64) -> StepWork {
+        match fetch(c, w, generation, step) {
+            Ok(Work::Step(s)) => s,
+            other => panic!("expected work for step {step}, got {other:?}"),
+        }
+    }
+
+    /// Fetches and reports `step` for `w`, with the slice the coordinator gave it.
+    fn train(c: &Coordinator, w: &WorkerId, generation: u64, step: u64) -> Result<pb::ReportStepResponse, CoordError> {
+        let s = work(c, w, generation, step);
+        report_slice(c, w, generation, step, s.local_slots, None)
+    }
+
+    fn report_slice(
+        c: &Coordinator,
+        w: &WorkerId,
+        generation: u64,
+        step: u64,
+        slots: std::ops::Range<u64>,
+        checkpoint: Option<String>,
+    ) -> Result<pb::ReportStepResponse, CoordError> {
         let metrics = StepMetrics { step, loss_total: 1.0, samples_per_sec: 10.0, ..Default::default() };
         c.report_step(ReportStep {
-            call: WorkerCall { worker_id: w.clone(), generation: 1 },
+            call: WorkerCall { worker_id: w.clone(), generation },
             metrics,
-            checkpoint: None,
+            checkpoint,
+            slots,
+            skipped_slots: vec![],
         })
     }
 
@@ -834,64 +1328,281 @@ mod tests {
     async fn steps_are_sliced_committed_by_all_ranks_and_the_job_completes() {
         let f = fixture(12); // 12 samples, global batch 5: steps of 5, 5, 2 per epoch
         let c = Coordinator::new();
-        let (job, a, b) = running_pair(&c, &f).await;
-        let wa = fetch(&c, &a, 1, 0).expect("work");
-        let wb = fetch(&c, &b, 1, 0).expect("work");
-        assert_eq!((wa.global_slot_begin, wa.global_slot_end), (0, 5));
-        assert_eq!((wa.local_slot_begin, wa.local_slot_end, wb.local_slot_begin, wb.local_slot_end), (0, 2, 2, 5));
+        let job = c.submit(config(&f, 2, 2)).expect("submit");
+        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
+        let pb_ = spawn_rdv(&c, rdv(&b));
+        member(c.rendezvous(rdv(&a), Duration::from_secs(1)).await.expect("rdv"));
+        member(pb_.await.expect("task").expect("rdv"));
+        let wa = work(&c, &a, 1, 0);
+        let wb = work(&c, &b, 1, 0);
+        assert_eq!(wa.global_slots, 0..5);
+        assert_eq!((wa.local_slots.clone(), wb.local_slots.clone()), (0..2, 2..5));
         assert_eq!(wa.samples.len() + wb.samples.len(), 5);
-        // Stale generation, out-of-window steps: refused.
-        assert!(matches!(fetch(&c, &a, 2, 0), Err(CoordError::Precondition(m)) if m.contains("stale generation")));
+        // Stale generation, out-of-window steps: refused; a stale generation with a typed error.
+        assert!(matches!(fetch(&c, &a, 2, 0), Err(CoordError::Call(CallError::StaleGeneration { current: 1, .. }))));
         assert!(fetch(&c, &a, 1, 2).is_ok(), "a loader may prefetch");
         assert!(matches!(fetch(&c, &a, 1, 3), Err(CoordError::Precondition(_))));
-        // A step commits only when both ranks reported it.
-        assert_eq!(report(&c, &a, 0).expect("report").committed_steps, 0);
-        assert_eq!(report(&c, &b, 0).expect("report").committed_steps, 1);
+        // A step commits only when both ranks reported it, with slices that tile its batch.
+        assert_eq!(report_slice(&c, &a, 1, 0, 0..2, None).expect("report").committed_steps, 0);
+        assert_eq!(report_slice(&c, &b, 1, 0, 2..5, None).expect("report").committed_steps, 1);
         // The device a step ran on replaces the one named at Join (with NCCL it is chosen later).
         let on_gpu = StepMetrics { step: 1, loss_total: 1.0, device: "cuda:0".into(), ..Default::default() };
         let call = WorkerCall { worker_id: a.clone(), generation: 1 };
-        c.report_step(ReportStep { call, metrics: on_gpu, checkpoint: None }).expect("report on cuda:0");
+        c.report_step(ReportStep { call, metrics: on_gpu, slots: 5..7, ..Default::default() }).expect("report on cuda:0");
         let devices: Vec<String> = c.status(&job).expect("status").workers.iter().map(|w| w.device.clone()).collect();
         assert_eq!(devices, ["cuda:0", "cpu"]);
-        for s in 1..4 {
-            let w = fetch(&c, &a, 1, s).expect("work");
+        train(&c, &b, 1, 1).expect("report");
+        for s in 2..4 {
+            let w = work(&c, &a, 1, s);
             if s == 2 {
-                assert_eq!((w.global_slot_begin, w.global_slot_end), (10, 12), "last step of the epoch is smaller");
+                assert_eq!(w.global_slots, 10..12, "last step of the epoch is smaller");
             }
             if s == 3 {
                 assert_eq!((w.epoch, w.step_in_epoch), (1, 0));
             }
-            report(&c, &a, s).expect("report");
-            report(&c, &b, s).expect("report");
+            train(&c, &a, 1, s).expect("report");
+            train(&c, &b, 1, s).expect("report");
         }
         assert_eq!(state(&c, &job), pb::JobState::Completed);
         // Completion ends through FetchWork's `done`, never as a heartbeat stop (which means failure).
         let hb =
             c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 4 }).expect("hb");
         assert!(!hb.stop);
-        assert!(fetch(&c, &a, 1, 4).expect("done").done);
+        assert_eq!(fetch(&c, &a, 1, 4).expect("done"), Work::Done);
         let st = c.status(&job).expect("status");
         assert_eq!(st.committed_steps, 4);
         assert_eq!(st.latest.expect("latest").samples_per_sec, 20.0, "throughput adds up across ranks");
+        // The ledger names every slot of epoch 0 once.
+        let ledger = c.ledger(&domain::LedgerRef { job_id: job, epoch: 0 }).expect("ledger");
+        let slots: Vec<u64> = ledger.iter().map(|e| e.slot).collect();
+        assert_eq!(slots, (0..12).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_silent_member_fails_the_job_naming_it() {
+    async fn slices_that_do_not_tile_the_batch_fail_the_job() {
         let f = fixture(20);
         let c = Coordinator::new();
         let (job, a, b) = running_pair(&c, &f).await;
+        report_slice(&c, &a, 1, 0, 0..2, None).expect("report");
+        report_slice(&c, &b, 1, 0, 3..5, None).expect("report");
+        let st = c.status(&job).expect("status");
+        assert_eq!(state(&c, &job), pb::JobState::Failed);
+        assert!(st.message.contains("tile") && st.message.contains("rank 1"), "{}", st.message);
+    }
+
+    /// A silent member is lost: the survivors form the next generation at the first uncommitted step;
+    /// with too few left and no wait allowed, the job fails naming the lost worker.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_member_is_lost_and_below_min_fails_naming_it() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let mut cfg = config(&f, 2, 2);
+        cfg.workers.below_min_timeout_ms = 0;
+        let job = c.submit(cfg).expect("submit");
+        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
+        let pb_ = spawn_rdv(&c, rdv(&b));
+        member(c.rendezvous(rdv(&a), Duration::from_secs(1)).await.expect("rdv"));
+        member(pb_.await.expect("task").expect("rdv"));
         tokio::time::advance(Duration::from_secs(10)).await;
         c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 0 }).expect("hb");
         c.reap(Instant::now());
         assert_eq!(state(&c, &job), pb::JobState::Running, "within the 15 s lease");
         tokio::time::advance(Duration::from_secs(6)).await;
         c.reap(Instant::now());
+        // b is lost: the survivor is told to rendezvous for generation 2.
+        let hb = c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 0 }).expect("hb");
+        assert_eq!((hb.generation, hb.stop), (2, false));
+        // Every remaining member is back at once, and one is below workers.min = 2: with no wait
+        // allowed, the job fails.
+        let end = c.rendezvous(rdv_with(&a, 1, None), Duration::from_millis(500)).await;
+        assert!(matches!(end, Err(CoordError::Call(CallError::JobEnded { .. }))), "{end:?}");
         let st = c.status(&job).expect("status");
         assert_eq!(state(&c, &job), pb::JobState::Failed);
         assert!(st.message.contains(&b.0) && st.message.contains("rank 1"), "{}", st.message);
-        // The survivor learns it must stop.
+        assert!(st.events.iter().any(|e| e.kind == "lost" && e.worker_id == b.0), "{:?}", st.events);
         let hb = c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a, generation: 1 }, step: 0 }).expect("hb");
         assert!(hb.stop);
+    }
+
+    /// kill -9 of one of three: the survivors report, rendezvous, and form generation 2 at the first
+    /// uncommitted step after the rejoin window; the rank that already applied that step undoes it
+    /// and still serves as the state source; nothing committed is redone or lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_reforms_at_the_first_uncommitted_step() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let (job, ws) = running(&c, &f, 3).await;
+        for s in 0..2 {
+            for w in &ws {
+                train(&c, w, 1, s).expect("report");
+            }
+        }
+        // Step 2: ranks 0 and 1 report, rank 2 dies before reporting.
+        train(&c, &ws[0], 1, 2).expect("report");
+        train(&c, &ws[1], 1, 2).expect("report");
+        c.report_failure(ReportFailure {
+            call: WorkerCall { worker_id: ws[0].clone(), generation: 1 },
+            step: 3,
+            message: "peer rank 2 closed the connection".into(),
+            failed_rank: Some(2),
+            fatal: false,
+        })
+        .expect("report failure");
+        // Generation 1 is broken: its calls are refused with the generation to rendezvous for.
+        assert!(matches!(
+            fetch(&c, &ws[1], 1, 3),
+            Err(CoordError::Call(CallError::StaleGeneration { current: 2, .. }))
+        ));
+        let t0 = Instant::now();
+        let r0 = spawn_rdv(&c, rdv_with(&ws[0], 1, Some(HeldState { applied_steps: 3, can_undo: true })));
+        let r1 = spawn_rdv(&c, rdv_with(&ws[1], 1, Some(HeldState { applied_steps: 3, can_undo: true })));
+        let m0 = member(r0.await.expect("task").expect("rdv"));
+        let m1 = member(r1.await.expect("task").expect("rdv"));
+        assert!(t0.elapsed() >= Duration::from_millis(2_000), "waited the rejoin window for rank 2");
+        assert_eq!((m0.generation, m0.world, m0.rank, m1.rank), (2, 2, 0, 1));
+        assert_eq!(m0.start_step, 2, "the first uncommitted step is trained again");
+        assert_eq!(m0.source, StateSource::Rank(0));
+        assert_eq!(m0.bootstrap, ws[0].0.as_bytes(), "the new rank 0's fresh offer");
+        let st = c.status(&job).expect("status");
+        assert_eq!((st.generation, st.world_size, st.committed_steps), (2, 2, 2));
+        assert!(st.events.iter().any(|e| e.kind == "evicted" && e.worker_id == ws[2].0), "{:?}", st.events);
+        for s in 2..12 {
+            for w in &ws[..2] {
+                train(&c, w, 2, s).expect("report");
+            }
+        }
+        assert_eq!(state(&c, &job), pb::JobState::Completed);
+        // Every slot of epoch 0 (40 samples, batch 5: steps 0..8) exactly once, steps 2.. by generation 2.
+        let ledger = c.ledger(&domain::LedgerRef { job_id: job, epoch: 0 }).expect("ledger");
+        let mut slots: Vec<u64> = ledger.iter().map(|e| e.slot).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..40).collect::<Vec<_>>());
+        assert!(ledger.iter().all(|e| (e.step < 2) == (e.generation == 1)));
+    }
+
+    /// A joiner while running: the members train on to the first step none of them fetched, then form
+    /// generation 2 with it; nothing is redone. A leave works the same way from the other side.
+    #[tokio::test(start_paused = true)]
+    async fn a_join_and_a_leave_drain_to_a_step_boundary() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let mut cfg = config(&f, 1, 3);
+        cfg.steps = 12;
+        let job = c.submit(cfg).expect("submit");
+        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
+        let pa = spawn_rdv(&c, rdv(&a));
+        member(c.rendezvous(rdv(&b), Duration::from_secs(5)).await.expect("rdv"));
+        member(pa.await.expect("task").expect("rdv"));
+        train(&c, &a, 1, 0).expect("report");
+        work(&c, &a, 1, 1); // a prefetched step 1
+        let j = join(&c, &job, "h2", 2001);
+        let pj = spawn_rdv(&c, rdv(&j));
+        tokio::task::yield_now().await;
+        // The boundary is step 2: step 1 is still trained by generation 1, step 2 is not.
+        train(&c, &b, 1, 0).expect("report");
+        assert_eq!(fetch(&c, &b, 1, 2).expect("answer"), Work::Rendezvous);
+        train(&c, &a, 1, 1).expect("report");
+        train(&c, &b, 1, 1).expect("report");
+        assert_eq!(fetch(&c, &a, 1, 2).expect("answer"), Work::Rendezvous);
+        let held = Some(HeldState { applied_steps: 2, can_undo: true });
+        let pa = spawn_rdv(&c, rdv_with(&a, 1, held));
+        let mb = member(c.rendezvous(rdv_with(&b, 1, held), Duration::from_secs(5)).await.expect("rdv"));
+        let ma = member(pa.await.expect("task").expect("rdv"));
+        let mj = member(pj.await.expect("task").expect("rdv"));
+        assert_eq!((ma.generation, ma.world, ma.start_step), (2, 3, 2));
+        assert_eq!((ma.rank, mb.rank, mj.rank), (0, 1, 2));
+        assert_eq!(mj.source, StateSource::Rank(0), "the joiner takes rank 0's state");
+        // b leaves: it trains up to the boundary, the others go on without it.
+        train(&c, &a, 2, 2).expect("report");
+        let until = c.leave(Leave { call: WorkerCall { worker_id: b.clone(), generation: 2 } }).expect("leave");
+        assert_eq!(until.until_step, 3);
+        train(&c, &b, 2, 2).expect("report");
+        train(&c, &j, 2, 2).expect("report");
+        assert_eq!(fetch(&c, &a, 2, 3).expect("answer"), Work::Rendezvous);
+        let held = Some(HeldState { applied_steps: 3, can_undo: true });
+        let pj = spawn_rdv(&c, rdv_with(&j, 2, held));
+        let ma = member(c.rendezvous(rdv_with(&a, 2, held), Duration::from_secs(5)).await.expect("rdv"));
+        let mj = member(pj.await.expect("task").expect("rdv"));
+        assert_eq!((ma.generation, ma.world, ma.start_step, mj.rank), (3, 2, 3, 1));
+        let st = c.status(&job).expect("status");
+        assert!(!st.workers.iter().any(|w| w.worker_id == b.0), "the leaver is gone");
+        assert_eq!(st.committed_steps, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scale_down_releases_the_highest_rank_and_scale_is_bounded() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let (job, ws) = running(&c, &f, 3).await;
+        let bad = c.scale(domain::ScaleJob { job_id: job.clone(), workers: 4 }).expect_err("above max");
+        let status: tonic::Status = bad.into();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("workers"), "{}", status.message());
+        assert!(matches!(
+            c.scale(domain::ScaleJob { job_id: JobId("job-9".into()), workers: 2 }),
+            Err(CoordError::NoJob(_))
+        ));
+        assert_eq!(c.scale(domain::ScaleJob { job_id: job.clone(), workers: 2 }).expect("scale"), (2, 2));
+        for w in &ws {
+            assert_eq!(fetch(&c, w, 1, 0).expect("answer"), Work::Rendezvous, "nothing was fetched: boundary 0");
+        }
+        let polls: Vec<_> = ws.iter().map(|w| spawn_rdv(&c, rdv_with(w, 1, None))).collect();
+        let mut got = Vec::new();
+        for p in polls {
+            got.push(p.await.expect("task").expect("rdv").expect("ready"));
+        }
+        assert!(matches!(got[2], Assignment::Released { .. }), "{:?}", got[2]);
+        assert_eq!(member(Some(got[0].clone())).world, 2);
+        assert_eq!(c.status(&job).expect("status").workers.len(), 2, "the released worker is gone");
+    }
+
+    /// With no survivor holding the committed state, the committed checkpoint is restored and the
+    /// steps after it are rolled back (ledger truncated).
+    #[tokio::test(start_paused = true)]
+    async fn without_survivors_the_committed_checkpoint_is_restored() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let mut cfg = config(&f, 1, 1);
+        cfg.steps = 12;
+        cfg.heartbeat.timeout_ms = 1_000;
+        let job = c.submit(cfg).expect("submit");
+        let a = join(&c, &job, "h", 1001);
+        member(c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv"));
+        for s in 0..3 {
+            let w = work(&c, &a, 1, s);
+            let ckpt = (s == 1).then(|| "/ckpt/step-00000002".to_string());
+            report_slice(&c, &a, 1, s, w.local_slots, ckpt).expect("report");
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        c.reap(Instant::now());
+        let n = join(&c, &job, "h", 1002);
+        let m = member(c.rendezvous(rdv(&n), Duration::from_secs(5)).await.expect("rdv"));
+        assert_eq!(m.source, StateSource::Checkpoint("/ckpt/step-00000002".into()));
+        assert_eq!((m.generation, m.start_step), (2, 2));
+        let st = c.status(&job).expect("status");
+        assert_eq!(st.committed_steps, 2);
+        assert!(st.events.iter().any(|e| e.kind == "rollback"), "{:?}", st.events);
+        let ledger = c.ledger(&domain::LedgerRef { job_id: job, epoch: 0 }).expect("ledger");
+        assert_eq!(ledger.len(), 10, "steps 0 and 1 remain");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_workers_and_is_final() {
+        let f = fixture(20);
+        let c = Coordinator::new();
+        let (job, a, _b) = running_pair(&c, &f).await;
+        assert_eq!(c.cancel(&job, "user said so").expect("cancel"), JobState::Cancelled);
+        match fetch(&c, &a, 1, 0).expect("answer") {
+            Work::Ended(m) => assert!(m.contains("user said so"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.cancel(&job, "again").expect("idempotent"), JobState::Cancelled);
+        assert!(matches!(c.status(&JobId("job-99".into())), Err(CoordError::NoJob(_))));
+        // A rendezvous after the end is a typed JobEnded.
+        assert!(matches!(
+            c.rendezvous(rdv_with(&a, 1, None), Duration::from_secs(1)).await,
+            Err(CoordError::Call(CallError::JobEnded { .. }))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -908,18 +1619,6 @@ mod tests {
             c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a, generation: 0 }, step: 0 }),
             Err(CoordError::NoWorker(_))
         ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn cancel_stops_workers_and_is_final() {
-        let f = fixture(20);
-        let c = Coordinator::new();
-        let (job, a, _b) = running_pair(&c, &f).await;
-        assert_eq!(c.cancel(&job, "user said so").expect("cancel"), JobState::Cancelled);
-        let w = fetch(&c, &a, 1, 0).expect("answer");
-        assert!(w.done && w.message.contains("user said so"), "{}", w.message);
-        assert_eq!(c.cancel(&job, "again").expect("idempotent"), JobState::Cancelled);
-        assert!(matches!(c.status(&JobId("job-99".into())), Err(CoordError::NoJob(_))));
     }
 
     #[test]

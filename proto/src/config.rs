@@ -80,15 +80,19 @@ impl Default for JobConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkersConfig {
-    /// The job starts when this many workers have joined.
+    /// The job starts when this many workers have joined, and keeps training while this many remain.
     pub min: u32,
-    /// Workers beyond this number are refused.
+    /// The most workers a generation holds (the initial target; `hcmoco scale` moves the target
+    /// within [min, max]). Workers joining beyond the target wait as standbys.
     pub max: u32,
+    /// With fewer than `min` workers left, the job waits this long for replacements, then fails
+    /// naming the lost workers (0: fail at once).
+    pub below_min_timeout_ms: u64,
 }
 
 impl Default for WorkersConfig {
     fn default() -> Self {
-        WorkersConfig { min: 1, max: 1 }
+        WorkersConfig { min: 1, max: 1, below_min_timeout_ms: 300_000 }
     }
 }
 
@@ -299,11 +303,14 @@ impl Default for CollectiveConfig {
 pub struct RendezvousConfig {
     /// Once `workers.min` have joined, wait this long for more (up to `workers.max`) before sealing.
     pub settle_ms: u64,
+    /// After a membership change, the members of the old generation that rendezvous within this
+    /// long (plus admitted joiners) form the new one; the others are evicted.
+    pub rejoin_ms: u64,
 }
 
 impl Default for RendezvousConfig {
     fn default() -> Self {
-        RendezvousConfig { settle_ms: 300 }
+        RendezvousConfig { settle_ms: 300, rejoin_ms: 2_000 }
     }
 }
 

@@ -273,7 +273,7 @@ pub fn run_loader(
         (0..batch)
             .map(|p| {
                 let slot = step * batch + p;
-                Request { step, position: p as usize, dataset: 0, index: slot % n, epoch: slot / n, slot }
+                Request { step, position: p as usize, dataset: 0, index: slot % n, epoch: slot / n, slot, ticket: 0 }
             })
             .collect()
     };

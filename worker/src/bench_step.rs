@@ -113,9 +113,9 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let comm = world_of_one(spec.device)?;
+    let mut comm = world_of_one(spec.device)?;
     let joints = layout.num_joints() as i64;
-    let mut trainer = Trainer::new(model, comm, 0.9, 1e-4, objective, banks, joints, 25 << 20);
+    let mut trainer = Trainer::new(model, 0.9, 1e-4, objective, banks, joints, 25 << 20);
     trainer.autocast = spec.autocast;
     let batch = synthetic_batch(spec, joints, Kind::Float).to_device(spec.device);
     let sync = || {
@@ -127,7 +127,7 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
     for i in 0..spec.warmup + spec.iters {
         sync();
         let t = Instant::now();
-        let out = trainer.step(&batch, None, 0.01)?;
+        let out = trainer.step(comm.as_mut(), &batch, None, 0.01)?;
         sync();
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if i >= spec.warmup {

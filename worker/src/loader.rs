@@ -25,9 +25,12 @@ pub struct Request {
     pub index: u64,
     pub epoch: u64,
     pub slot: u64,
+    /// Set by [`Loader::submit`]: results of requests made before [`Loader::clear`] are dropped.
+    pub ticket: u64,
 }
 
-type Loaded = (u64, usize, anyhow::Result<Sample>);
+/// (ticket, step, position, sample).
+type Loaded = (u64, u64, usize, anyhow::Result<Sample>);
 
 /// The pool.
 pub struct Loader {
@@ -36,6 +39,7 @@ pub struct Loader {
     /// Per submitted step: how many samples, and those already back.
     pending: BTreeMap<u64, (usize, BTreeMap<usize, anyhow::Result<Sample>>)>,
     threads: Vec<JoinHandle<()>>,
+    ticket: u64,
 }
 
 impl Loader {
@@ -57,7 +61,7 @@ impl Loader {
                                 Err(_) => return, // the loader was dropped
                             };
                             let result = load(&datasets, cfg.as_ref(), seed, &job);
-                            if done_tx.send((job.step, job.position, result)).is_err() {
+                            if done_tx.send((job.ticket, job.step, job.position, result)).is_err() {
                                 return;
                             }
                         }
@@ -65,7 +69,7 @@ impl Loader {
                     .expect("spawn a loader thread")
             })
             .collect();
-        Loader { jobs: Some(jobs), results, pending: BTreeMap::new(), threads }
+        Loader { jobs: Some(jobs), results, pending: BTreeMap::new(), threads, ticket: 0 }
     }
 
     /// Queues the samples of `step` (in slot order).
@@ -75,10 +79,18 @@ impl Loader {
         }
         self.pending.insert(step, (requests.len(), BTreeMap::new()));
         let jobs = self.jobs.as_ref().context("loader stopped")?;
-        for r in requests {
+        for mut r in requests {
+            r.ticket = self.ticket;
             jobs.send(r).ok().context("loader threads are gone")?;
         }
         Ok(())
+    }
+
+    /// Drops every submitted step (a new generation slices steps anew); samples still loading for
+    /// them are discarded when they arrive.
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        self.ticket += 1;
     }
 
     pub fn is_submitted(&self, step: u64) -> bool {
@@ -91,7 +103,10 @@ impl Loader {
         let Some((want, _)) = self.pending.get(&step) else { bail!("step {step} was never submitted to the loader") };
         let want = *want;
         while self.pending.get(&step).map_or(0, |(_, got)| got.len()) < want {
-            let (s, position, result) = self.results.recv().context("loader threads are gone")?;
+            let (ticket, s, position, result) = self.results.recv().context("loader threads are gone")?;
+            if ticket != self.ticket {
+                continue; // submitted before a clear: stale
+            }
             if let Some((_, got)) = self.pending.get_mut(&s) {
                 got.insert(position, result);
             }
@@ -136,7 +151,7 @@ mod tests {
     fn requests(step: u64, slots: std::ops::Range<u64>) -> Vec<Request> {
         slots
             .enumerate()
-            .map(|(p, slot)| Request { step, position: p, dataset: 0, index: (slot * 7) % 12, epoch: 1, slot })
+            .map(|(p, slot)| Request { step, position: p, dataset: 0, index: (slot * 7) % 12, epoch: 1, slot, ticket: 0 })
             .collect()
     }
 
@@ -175,5 +190,20 @@ mod tests {
         let err = format!("{:#}", got[1].as_ref().expect_err("out of range"));
         assert!(err.contains("slot 1"), "{err}");
         assert!(l.take(5).is_err());
+    }
+
+    #[test]
+    fn a_clear_drops_stale_results_even_for_a_resubmitted_step() {
+        let (_dir, ds) = dataset(12);
+        let mut l = Loader::new(ds, None, 0, 2);
+        l.submit(0, requests(0, 0..6)).expect("submit");
+        l.clear();
+        assert!(!l.is_submitted(0));
+        // Step 0 again, sliced differently: only the new request's samples come back.
+        l.submit(0, requests(0, 3..5)).expect("resubmit");
+        let got = l.take(0).expect("take");
+        let keys: Vec<String> = got.into_iter().map(|s| s.expect("loads").key).collect();
+        let want: Vec<String> = (3..5u64).map(|slot| hcmoco_data::synth::sample_key((slot * 7) % 12)).collect();
+        assert_eq!(keys, want);
     }
 }

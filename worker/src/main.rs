@@ -41,6 +41,10 @@ enum Cmd {
         /// cpu or cuda:N (default: cpu; with the nccl backend, the GPU of this worker's local rank).
         #[arg(long, env = "HCMOCO_DEVICE")]
         device: Option<String>,
+        /// Append one JSON object per line for every applied and every undone step (`event`, `epoch`,
+        /// `step`, `generation`, `rank`, `slots`): what this worker really trained, for audits.
+        #[arg(long)]
+        trace_slots: Option<PathBuf>,
     },
     /// Check the NCCL backend on one GPU (world size 1): every collective against expected values.
     NcclCheck {
@@ -319,7 +323,17 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match Cli::parse().command {
-        Cmd::Run { coordinator, job, host_id, bind, advertise_addr, connect_timeout_secs, dump_state, device } => {
+        Cmd::Run {
+            coordinator,
+            job,
+            host_id,
+            bind,
+            advertise_addr,
+            connect_timeout_secs,
+            dump_state,
+            device,
+            trace_slots,
+        } => {
             run(RunOptions {
                 coordinator,
                 job,
@@ -335,10 +349,16 @@ fn main() {
                 },
                 dump_state,
                 device,
+                trace_slots,
             })
             .map(|s| {
+                let how = match s.ending {
+                    hcmoco_worker::run::Ending::Completed => "done",
+                    hcmoco_worker::run::Ending::Left => "left",
+                    hcmoco_worker::run::Ending::Released => "released",
+                };
                 eprintln!(
-                    "worker {} (rank {}) done: job {} at step {}, last loss {:?}",
+                    "worker {} (rank {}) {how}: job {} at step {}, last loss {:?}",
                     s.worker_id, s.rank, s.job_id, s.steps, s.last_loss
                 )
             })

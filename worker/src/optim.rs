@@ -42,6 +42,11 @@ impl Sgd {
         let _ = self.params.g_sub_(&(&self.buf * lr));
     }
 
+    /// The flat momentum buffer (shares storage: writing it changes the optimizer's state).
+    pub fn momentum_buffer(&self) -> Tensor {
+        self.buf.shallow_clone()
+    }
+
     /// Momentum buffers named `momentum.<parameter>` (views of the flat buffer).
     pub fn state(&self) -> Vec<(String, Tensor)> {
         self.layout.views_of(&self.buf).into_iter().map(|(n, b)| (format!("momentum.{n}"), b)).collect()

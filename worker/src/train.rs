@@ -16,9 +16,17 @@
 //! 5. All-reduce (sum, not average) the parameter gradients, fused into fixed-size buckets in the
 //!    same order on every rank (a parameter without a gradient this step is packed as zeros), and the
 //!    term values.
-//! 6. SGD step (identical on every rank), broadcast of the normalisation statistics from rank 0, and,
-//!    in the memory-bank variant, the bank update from the gathered features in global slot order
-//!    (identical on every rank, so the banks stay bit-identical).
+//! 6. Broadcast of rank 0's normalisation statistics into a staging copy: the last collective.
+//! 7. The commit, which cannot fail: the undo record of the step (parameters, momentum, the buffers
+//!    as they were before the forward pass, which writes them, and the memory-bank rows about to be
+//!    overwritten), then the SGD update (identical on every rank), the staged statistics, and, in the
+//!    memory-bank variant, the bank update from the gathered features in global slot order (identical
+//!    on every rank, so the banks stay bit-identical).
+//!
+//! A step that fails before its commit leaves the trainer as it was before the step (the buffers
+//! are restored). A committed step can be undone until the next one commits ([`Trainer::undo_last`]):
+//! a generation that breaks after some ranks applied a step its coordinator never committed trains
+//! that step again from the state before it.
 
 use std::time::{Duration, Instant};
 
@@ -139,11 +147,11 @@ pub enum StepError {
     Tensor(String),
 }
 
-/// The model, its optimizer and this rank's communicator.
+/// The model and its optimizer. The communicator is the session's (one per generation), passed to
+/// every call that talks to other ranks.
 pub struct Trainer {
     pub model: Model,
     pub opt: Sgd,
-    pub comm: Box<dyn Communicator>,
     pub objective: Objective,
     /// Present in the memory-bank variant.
     pub banks: Option<Banks>,
@@ -162,6 +170,32 @@ pub struct Trainer {
     /// (`num_batches_tracked`), broadcast from rank 0 after every step.
     buffers_float: Flat,
     buffers_int: Flat,
+    /// Steps applied to this state (the next step to train).
+    pub applied_steps: u64,
+    /// The state before the last applied step.
+    undo: Option<Undo>,
+}
+
+/// What undoes the last applied step.
+struct Undo {
+    /// The step it undoes (the state holds `step` steps once undone).
+    step: u64,
+    params: Tensor,
+    momentum: Tensor,
+    buffers_float: Tensor,
+    buffers_int: Tensor,
+    /// Memory-bank rows the step overwrote, as they were: (modality, distinct ids, rows).
+    bank_rows: Vec<(Modality, Tensor, Tensor)>,
+}
+
+/// A step's update, computed once every collective has completed.
+struct Update {
+    grad: Option<Tensor>,
+    lr: f64,
+    /// Rank 0's buffers after this step's forward pass.
+    staged: Option<(Tensor, Tensor)>,
+    /// (modality, sample ids, features) for the memory banks.
+    banks: Vec<(Modality, Vec<i64>, Tensor)>,
 }
 
 struct Clock {
@@ -222,7 +256,6 @@ impl Trainer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: Model,
-        comm: Box<dyn Communicator>,
         momentum: f64,
         weight_decay: f64,
         objective: Objective,
@@ -244,7 +277,6 @@ impl Trainer {
         Trainer {
             model,
             opt,
-            comm,
             objective,
             banks,
             joints,
@@ -254,38 +286,134 @@ impl Trainer {
             param_tensors,
             buffers_float,
             buffers_int,
+            applied_steps: 0,
+            undo: None,
         }
     }
 
-    /// Makes every rank start from rank 0's parameters, buffers and memory banks (ranks build the
-    /// banks from the same seed, but a different maths library could round differently: rank 0's copy
-    /// makes them bit-identical by construction).
-    pub fn broadcast_initial_state(&mut self) -> Result<(), CommError> {
+    /// Drops the undo record (the state was replaced from elsewhere).
+    pub fn forget_undo(&mut self) {
+        self.undo = None;
+    }
+
+    /// Whether the last applied step can be undone.
+    pub fn can_undo(&self) -> bool {
+        self.undo.as_ref().is_some_and(|u| u.step + 1 == self.applied_steps)
+    }
+
+    /// Returns to the state before the last applied step; `None` when there is no record.
+    pub fn undo_last(&mut self) -> Option<u64> {
+        let u = self.undo.take()?;
+        let _guard = tch::no_grad_guard();
+        self.params.data.shallow_clone().copy_(&u.params);
+        self.opt.momentum_buffer().copy_(&u.momentum);
+        self.restore_buffers(&u.buffers_float, &u.buffers_int);
+        if let Some(banks) = &mut self.banks {
+            for (m, ids, rows) in u.bank_rows.into_iter().rev() {
+                let _ = banks.bank.banks[m as usize].index_copy_(0, &ids, &rows);
+            }
+        }
+        self.applied_steps = u.step;
+        Some(u.step)
+    }
+
+    /// Copies of the buffers (what a step's forward pass is about to change).
+    fn snapshot_buffers(&self) -> (Tensor, Tensor) {
+        (self.buffers_float.data.copy(), self.buffers_int.data.copy())
+    }
+
+    fn restore_buffers(&mut self, float: &Tensor, int: &Tensor) {
+        let _guard = tch::no_grad_guard();
+        if !self.buffers_float.is_empty() {
+            self.buffers_float.data.shallow_clone().copy_(float);
+        }
+        if !self.buffers_int.is_empty() {
+            self.buffers_int.data.shallow_clone().copy_(int);
+        }
+    }
+
+    /// Applies a step whose collectives have all completed: records the undo, then updates. Nothing
+    /// here talks to other ranks or can fail on their account.
+    fn commit(&mut self, pre: (Tensor, Tensor), update: Update) {
+        let _guard = tch::no_grad_guard();
+        let dev = self.model.vs.device();
+        let bank_rows = match &self.banks {
+            Some(banks) => update
+                .banks
+                .iter()
+                .map(|(m, ids, _)| {
+                    let mut distinct = ids.clone();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    let ids = index(&distinct, dev);
+                    let rows = banks.bank.banks[*m as usize].index_select(0, &ids);
+                    (*m, ids, rows)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        self.undo = Some(Undo {
+            step: self.applied_steps,
+            params: self.params.data.copy(),
+            momentum: self.opt.momentum_buffer().copy(),
+            buffers_float: pre.0,
+            buffers_int: pre.1,
+            bank_rows,
+        });
+        if let Some(g) = &update.grad {
+            self.opt.step(g, update.lr);
+        }
+        if let Some((float, int)) = &update.staged {
+            self.restore_buffers(float, int);
+        }
+        if let Some(banks) = &mut self.banks {
+            for (m, ids, z) in &update.banks {
+                banks.bank.update(*m, ids, z);
+            }
+        }
+        self.applied_steps += 1;
+    }
+
+    /// The source rank's whole training state everywhere: parameters, momentum, buffers and memory
+    /// banks, so every member of a generation starts bit-identical. The source's undo record stays
+    /// valid only on the source; the others drop theirs.
+    pub fn broadcast_state(&mut self, comm: &mut dyn Communicator, root: usize) -> Result<(), CommError> {
         let mut params = self.params.data.shallow_clone();
-        self.comm.broadcast(&mut params, 0)?;
+        comm.broadcast(&mut params, root)?;
+        let mut momentum = self.opt.momentum_buffer();
+        comm.broadcast(&mut momentum, root)?;
         if let Some(banks) = &self.banks {
             for bank in &banks.bank.banks {
                 let mut bank = bank.shallow_clone();
-                self.comm.broadcast(&mut bank, 0)?;
+                comm.broadcast(&mut bank, root)?;
             }
         }
-        self.broadcast_buffers()
-    }
-
-    /// Rank 0's normalisation statistics and counters everywhere: the flat floating-point buffers as
-    /// they are, the integer counters as the model's float kind (exact below 2^24 in f32).
-    fn broadcast_buffers(&mut self) -> Result<(), CommError> {
-        if !self.buffers_float.is_empty() {
-            let mut flat = self.buffers_float.data.shallow_clone();
-            self.comm.broadcast(&mut flat, 0)?;
-        }
-        if !self.buffers_int.is_empty() {
-            let mut flat = self.buffers_int.data.to_kind(self.model.kind);
-            self.comm.broadcast(&mut flat, 0)?;
-            let _guard = tch::no_grad_guard();
-            self.buffers_int.data.shallow_clone().copy_(&flat);
+        let (float, int) = self.broadcast_buffers_from(comm, root)?;
+        self.restore_buffers(&float, &int);
+        let mut steps = Tensor::from_slice(&[self.applied_steps as f64]).to_device(self.model.vs.device());
+        comm.broadcast(&mut steps, root)?;
+        self.applied_steps = steps.double_value(&[0]) as u64;
+        if comm.rank() != root {
+            self.undo = None;
         }
         Ok(())
+    }
+
+    /// `root`'s normalisation statistics and counters, as staged copies: the flat floating-point
+    /// buffers as they are, the integer counters carried as the model's float kind (exact below 2^24
+    /// in f32).
+    fn broadcast_buffers_from(&self, comm: &mut dyn Communicator, root: usize) -> Result<(Tensor, Tensor), CommError> {
+        let mut float = self.buffers_float.data.copy();
+        if !self.buffers_float.is_empty() {
+            comm.broadcast(&mut float, root)?;
+        }
+        let mut int = self.buffers_int.data.copy();
+        if !self.buffers_int.is_empty() {
+            let mut carried = self.buffers_int.data.to_kind(self.model.kind);
+            comm.broadcast(&mut carried, root)?;
+            int = carried.to_kind(self.buffers_int.data.kind());
+        }
+        Ok((float, int))
     }
 
     fn forward(&self, batch: &Batch) -> Forward {
@@ -338,7 +466,35 @@ impl Trainer {
     /// from the gather itself (every row carries its rank), so ranks may bring fewer rows than the
     /// plan gave them (samples skipped under `data.on_error = "skip"`). `expected`, when given, is the
     /// plan's `(offset, global rows)`, and any difference is an error (ranks disagree on the plan).
-    pub fn step(&mut self, batch: &Batch, expected: Option<(usize, usize)>, lr: f64) -> Result<StepOutcome, StepError> {
+    pub fn step(
+        &mut self,
+        comm: &mut dyn Communicator,
+        batch: &Batch,
+        expected: Option<(usize, usize)>,
+        lr: f64,
+    ) -> Result<StepOutcome, StepError> {
+        let pre = self.snapshot_buffers();
+        match self.prepare(comm, batch, expected, lr) {
+            Ok((outcome, update)) => {
+                self.commit(pre, update);
+                Ok(outcome)
+            }
+            Err(e) => {
+                // The forward pass wrote the buffers; the step never happened.
+                self.restore_buffers(&pre.0, &pre.1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Everything of a step up to its commit: the forward and backward passes and every collective.
+    fn prepare(
+        &mut self,
+        comm: &mut dyn Communicator,
+        batch: &Batch,
+        expected: Option<(usize, usize)>,
+        lr: f64,
+    ) -> Result<(StepOutcome, Update), StepError> {
         let started = Instant::now();
         let mut clock = Clock { comm: Duration::ZERO };
         let kind = self.model.kind;
@@ -376,7 +532,7 @@ impl Trainer {
             fwd.z_kp.detach(),
             flag(&batch.has_depth),
             flag(&batch.has_keypoints),
-            Tensor::full([b, 1], self.comm.rank() as f64, (kind, dev)),
+            Tensor::full([b, 1], comm.rank() as f64, (kind, dev)),
             col(dicl_counts),
             col(vis_kp_counts),
             col(batch.ids.iter().map(|&id| (id / ID_SPLIT) as f64).collect()),
@@ -391,7 +547,7 @@ impl Trainer {
             });
         }
         let local = Tensor::cat(&parts, 1);
-        let gathered = clock.time(|| self.comm.all_gather_cat(&local))?;
+        let gathered = clock.time(|| comm.all_gather_cat(&local))?;
         let rows = gathered.size()[0];
         // The per-sample columns (and, in stage 2, the joint visibility) in one copy to the host.
         let host_cols = META + if stage2 { joints } else { 0 };
@@ -401,7 +557,7 @@ impl Trainer {
         .map_err(|e| StepError::Tensor(format!("reading the gathered masks and ranks: {e}")))?;
         let column = |c: usize| meta.iter().skip(c).step_by(host_cols as usize).copied();
         let ranks: Vec<f64> = column(META_RANK).collect();
-        let offset = ranks.iter().filter(|&&r| (r as usize) < self.comm.rank()).count();
+        let offset = ranks.iter().filter(|&&r| (r as usize) < comm.rank()).count();
         if let Some((want_offset, want_rows)) = expected
             && (rows != want_rows as i64 || offset != want_offset)
         {
@@ -412,12 +568,9 @@ impl Trainer {
             // the same empty gather and leave the step together, without an update.
             let terms = vec![0.0; self.objective.term_names().len()];
             let elapsed = started.elapsed();
-            return Ok(StepOutcome {
-                terms,
-                total: 0.0,
-                compute: elapsed.saturating_sub(clock.comm),
-                comm: clock.comm,
-            });
+            let outcome =
+                StepOutcome { terms, total: 0.0, compute: elapsed.saturating_sub(clock.comm), comm: clock.comm };
+            return Ok((outcome, Update { grad: None, lr, staged: None, banks: Vec::new() }));
         }
         let local_range = offset..offset + batch.len();
         let g_has_depth: Vec<bool> = column(META_HAS_DEPTH).map(|x| x > 0.5).collect();
@@ -529,7 +682,7 @@ impl Trainer {
         // 4. Sum the gathered rows' gradients over ranks; backpropagate our rows and the intra-sample
         //    shares through the encoders.
         let mut flat_grads = Tensor::cat(&leaf_grads.iter().map(|g| g.reshape([rows, -1])).collect::<Vec<_>>(), 1);
-        clock.time(|| self.comm.all_reduce_sum(&mut flat_grads))?;
+        clock.time(|| comm.all_reduce_sum(&mut flat_grads))?;
         let mine = flat_grads.narrow(0, offset as i64, b);
         let block = |k: i64| mine.narrow(1, k * dim, dim);
         let mut surrogate = Tensor::zeros([], (kind, dev));
@@ -560,7 +713,6 @@ impl Trainer {
 
         // 5. Parameter gradients summed over ranks in fused buckets (a missing gradient packs as
         //    zeros); the term shares summed in f64.
-        let comm = self.comm.as_mut();
         let reduced = clock.time(|| self.buckets.all_reduce_flat(comm, &grads))?;
         if stage2 {
             // Order of DENSE_TERMS: dicl_r2d, dicl_d2r, sscl_r2k, sscl_d2k, sscl_cross.
@@ -569,7 +721,7 @@ impl Trainer {
         }
         // One vector on the device, summed over ranks in f64, read once.
         let mut terms_t = Tensor::cat(&values, 0).to_kind(Kind::Double);
-        clock.time(|| self.comm.all_reduce_sum(&mut terms_t))?;
+        clock.time(|| comm.all_reduce_sum(&mut terms_t))?;
         let terms = Vec::<f64>::try_from(&terms_t.to_device(Device::Cpu))
             .map_err(|e| StepError::Tensor(format!("reading the summed loss terms: {e}")))?;
         let total: f64 = terms.iter().sum();
@@ -577,12 +729,12 @@ impl Trainer {
             return Err(StepError::NonFinite(total));
         }
 
-        // 6. Update, keep normalisation statistics identical across ranks, update the banks.
-        self.opt.step(&reduced, lr);
+        // 6. Rank 0's normalisation statistics, staged: the last collective of the step.
         let t = Instant::now();
-        self.broadcast_buffers()?;
+        let staged = self.broadcast_buffers_from(comm, 0)?;
         clock.comm += t.elapsed();
-        if let Some(banks) = &mut self.banks {
+        let mut bank_updates = Vec::new();
+        if self.banks.is_some() {
             for m in [Modality::Rgb, Modality::Depth, Modality::Keypoints] {
                 let sel: Vec<i64> = (0..rows).filter(|&i| has[m as usize][i as usize]).collect();
                 if sel.is_empty() {
@@ -590,11 +742,12 @@ impl Trainer {
                 }
                 let ids: Vec<i64> = sel.iter().map(|&i| g_ids[i as usize]).collect();
                 let z = leaves[m as usize].detach().index_select(0, &index(&sel, dev));
-                banks.bank.update(m, &ids, &z);
+                bank_updates.push((m, ids, z));
             }
         }
         let elapsed = started.elapsed();
-        Ok(StepOutcome { terms, total, compute: elapsed.saturating_sub(clock.comm), comm: clock.comm })
+        let outcome = StepOutcome { terms, total, compute: elapsed.saturating_sub(clock.comm), comm: clock.comm };
+        Ok((outcome, Update { grad: Some(reduced), lr, staged: Some(staged), banks: bank_updates }))
     }
 
     /// The six sample-level shares against the memory banks: this rank's anchors only.

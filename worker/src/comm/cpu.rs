@@ -38,7 +38,7 @@ pub fn connect_cpu(
 /// Forms the ring (`TcpRing::connect_with`): `peers[i]` is rank i's collective address and host, as
 /// the rendezvous hands them out; `opts.transport` picks the data transport of each link.
 pub fn connect_cpu_with(
-    listener: TcpListener,
+    listener: impl std::borrow::Borrow<TcpListener>,
     rank: usize,
     peers: &[PeerInfo],
     generation: u64,

@@ -92,8 +92,9 @@ impl TcpRing {
     }
 
     /// Forms the ring; `opts.transport` picks tcp or shared memory for each link (see `Transport`).
+    /// The listener is only borrowed: a worker keeps one for its life and forms a ring per generation.
     pub fn connect_with(
-        listener: TcpListener,
+        listener: impl std::borrow::Borrow<TcpListener>,
         rank: usize,
         peers: &[PeerInfo],
         generation: u64,
@@ -160,7 +161,7 @@ impl TcpRing {
             source: e,
         })?;
 
-        let (left, left_hello) = accept_left(&listener, rank, left_rank, left_addr, generation, world_size, deadline)?;
+        let (left, left_hello) = accept_left(listener.borrow(), rank, left_rank, left_addr, generation, world_size, deadline)?;
 
         // The right neighbour answers once it has accepted us; an early close means it rejected us.
         let right_error = |detail: String| CommError::Handshake {
