@@ -135,10 +135,12 @@ pub fn local_config(opts: &LaunchOptions, generated: Option<&Path>) -> anyhow::R
     Ok(cfg)
 }
 
-struct WorkerProc {
+pub struct WorkerProc {
     index: u32,
     child: Child,
     log: PathBuf,
+    /// How many times this worker slot was restarted.
+    restarts: u32,
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -220,10 +222,20 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
         cfg.steps, opts.workers, cfg.global_batch
     );
 
-    let mut procs = Vec::new();
-    for index in 0..opts.workers {
+    let spawn = |index: u32, restart: u32| -> anyhow::Result<WorkerProc> {
         let log = out.join("logs").join(format!("worker-{index}.log"));
-        let file = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        // A restarted worker appends to its log, after a line saying so.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(restart > 0)
+            .truncate(restart == 0)
+            .open(&log)
+            .with_context(|| format!("cannot create {}", log.display()))?;
+        if restart > 0 {
+            use std::io::Write;
+            let _ = writeln!(file, "--- restarted by the launcher (restart {restart}) ---");
+        }
         let child = Command::new(&worker_bin)
             .arg("run")
             .arg("--coordinator")
@@ -236,10 +248,14 @@ pub async fn launch_local(opts: LaunchOptions, interrupt: CancellationToken) -> 
             .stderr(file)
             .spawn()
             .with_context(|| format!("cannot start {}", worker_bin.display()))?;
-        procs.push(WorkerProc { index, child, log });
+        Ok(WorkerProc { index, child, log, restarts: restart })
+    };
+    let mut procs = Vec::new();
+    for index in 0..opts.workers {
+        procs.push(spawn(index, 0)?);
     }
 
-    let result = supervise(&coordinator, &job_id, &mut procs, &mut changed, &interrupt, cfg.steps).await;
+    let result = supervise(&coordinator, &job_id, &mut procs, &mut changed, &interrupt, cfg.steps, &spawn).await;
     // Whatever happened, no worker outlives the launcher.
     let deadline = Instant::now() + Duration::from_secs(20);
     for p in &mut procs {
@@ -270,6 +286,7 @@ async fn supervise(
     changed: &mut tokio::sync::watch::Receiver<u64>,
     interrupt: &CancellationToken,
     steps: u64,
+    respawn: &dyn Fn(u32, u32) -> anyhow::Result<WorkerProc>,
 ) -> anyhow::Result<(pb::JobStatus, Option<(u64, f64)>)> {
     let tty = std::io::stderr().is_terminal();
     let bar = if tty { ProgressBar::new(steps) } else { ProgressBar::hidden() };
@@ -304,14 +321,27 @@ async fn supervise(
             }
             _ => {}
         }
+        // A worker that dies does not end the job: the others form a new generation without it, and
+        // the launcher starts a replacement that joins it (as a restarted pod would), a few times.
         for p in procs.iter_mut() {
             if let Some(code) = p.child.try_wait()?
                 && !code.success()
             {
-                let reason = format!("worker process {} (pid {}) exited with {code}", p.index, p.child.id());
-                let _ = coordinator.cancel(job_id, &reason);
-                bar.finish_and_clear();
-                bail!("{reason}; last lines of {}:\n{}", p.log.display(), tail(&p.log, 15));
+                let what = format!("worker process {} (pid {}) exited with {code}", p.index, p.child.id());
+                if p.restarts >= MAX_RESTARTS {
+                    let reason = format!("{what}, after {MAX_RESTARTS} restarts");
+                    let _ = coordinator.cancel(job_id, &reason);
+                    bar.finish_and_clear();
+                    bail!("{reason}; last lines of {}:\n{}", p.log.display(), tail(&p.log, 15));
+                }
+                bar.suspend(|| {
+                    eprintln!(
+                        "{what}; starting a replacement (last lines of {}):\n{}",
+                        p.log.display(),
+                        tail(&p.log, 4)
+                    )
+                });
+                *p = respawn(p.index, p.restarts + 1)?;
             }
         }
         tokio::select! {
@@ -325,6 +355,9 @@ async fn supervise(
         }
     }
 }
+
+/// How many times the launcher replaces one worker process that died.
+const MAX_RESTARTS: u32 = 3;
 
 /// Samples in the first `steps` steps of a plan with global batch `g` over `n` samples per epoch (the
 /// last step of an epoch may be smaller).

@@ -74,7 +74,8 @@ impl Ledger {
     /// Every slot of the committed steps of `epoch`, in step then slot order.
     pub fn entries(&self, plan: &DataPlan, epoch: u64, committed: u64) -> Vec<pb::LedgerEntry> {
         let spe = plan.steps_per_epoch();
-        let steps: Range<u64> = (epoch.saturating_mul(spe)).min(committed)..((epoch + 1).saturating_mul(spe)).min(committed);
+        let steps: Range<u64> =
+            (epoch.saturating_mul(spe)).min(committed)..((epoch + 1).saturating_mul(spe)).min(committed);
         let mut out = Vec::new();
         for step in steps {
             let Some(rec) = self.record_of(step) else { continue };

@@ -55,6 +55,26 @@ enum Cmd {
         #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
         coordinator: String,
     },
+    /// Set a running job's number of workers (within workers.min..=workers.max): growing admits
+    /// standbys, shrinking releases the highest ranks at the next step boundary.
+    Scale {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        workers: u32,
+        #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
+        coordinator: String,
+    },
+    /// Print which rank of which generation trained every slot of an epoch's committed steps, one
+    /// JSON object per line: epoch, slot, dataset, index, step, generation, rank, skipped.
+    Ledger {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        epoch: u64,
+        #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
+        coordinator: String,
+    },
     /// Run a whole job on this machine: in-process coordinator plus N worker processes.
     Launch {
         /// Required: the only mode so far (cluster runs use `serve` and Kubernetes).
@@ -161,6 +181,37 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
             let r = c.cancel_job(pb::CancelJobRequest { job_id: job.clone(), reason }).await?.into_inner();
             println!("{job}: {}", hcmoco_coordinator::job::wire_state_name(r.state));
+            Ok(())
+        }
+        Cmd::Scale { job, workers, coordinator } => {
+            let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
+            let r = c
+                .scale_job(pb::ScaleJobRequest { job_id: job.clone(), workers })
+                .await
+                .map_err(|s| anyhow::anyhow!("scale refused: {}", s.message()))?
+                .into_inner();
+            println!("{job}: target {} workers (generation {})", r.workers, r.generation);
+            Ok(())
+        }
+        Cmd::Ledger { job, epoch, coordinator } => {
+            let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
+            let mut stream = c
+                .get_ledger(pb::GetLedgerRequest { job_id: job.clone(), epoch })
+                .await
+                .map_err(|s| anyhow::anyhow!("ledger refused: {}", s.message()))?
+                .into_inner();
+            let mut lines = 0u64;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            while let Some(chunk) = stream.message().await? {
+                for e in chunk.entries {
+                    use std::io::Write;
+                    writeln!(out, "{}", status::ledger_line(&e))?;
+                    lines += 1;
+                }
+            }
+            if lines == 0 {
+                eprintln!("job {job}: epoch {epoch} has no committed step");
+            }
             Ok(())
         }
         Cmd::Launch {

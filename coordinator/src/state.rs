@@ -356,12 +356,8 @@ impl Job {
         let mut chosen: Vec<usize> = arrived.iter().copied().take(target).collect();
         let released: Vec<usize> = arrived.iter().copied().skip(target).collect();
         chosen.extend(joiners.iter().copied().take(target.saturating_sub(chosen.len())));
-        let lost: Vec<WorkerId> = g
-            .members
-            .iter()
-            .filter(|m| !arrived.iter().any(|&i| &self.workers[i].id == *m))
-            .cloned()
-            .collect();
+        let lost: Vec<WorkerId> =
+            g.members.iter().filter(|m| !arrived.iter().any(|&i| &self.workers[i].id == *m)).cloned().collect();
         if (chosen.len() as u32) < self.config.workers.min {
             let since = match self.next.as_mut() {
                 Some(n) => *n.below_min_since.get_or_insert(now),
@@ -388,7 +384,12 @@ impl Job {
                 return None;
             }
             if since == now {
-                self.event("below_min", None, format!("{} of workers.min = {}", chosen.len(), self.config.workers.min), next.boundary);
+                self.event(
+                    "below_min",
+                    None,
+                    format!("{} of workers.min = {}", chosen.len(), self.config.workers.min),
+                    next.boundary,
+                );
             }
             return Some(since + timeout);
         }
@@ -408,9 +409,9 @@ impl Job {
         }
         // Where the new generation starts, and whose state it takes.
         let mut start = next.boundary.min(self.committed_steps);
-        let holder = chosen.iter().position(|&i| {
-            self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start))
-        });
+        let holder = chosen
+            .iter()
+            .position(|&i| self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start)));
         let source = match holder {
             Some(_) => None, // decided by seal (the first holder in rank order)
             None => match self.committed_checkpoint.clone() {
@@ -423,7 +424,10 @@ impl Job {
                 }
                 _ => {
                     if start > 0 {
-                        self.rollback(0, &format!("no worker holds the state of step {start} and no checkpoint is committed"));
+                        self.rollback(
+                            0,
+                            &format!("no worker holds the state of step {start} and no checkpoint is committed"),
+                        );
                     }
                     start = 0;
                     Some(StateSource::Rank(0))
@@ -546,7 +550,7 @@ impl Job {
         let world = g.world();
         let at = |r: u32| self.worker(&g.members[r as usize]).map(membership::neighbour).unwrap_or_default();
         let (local_rank, local_world) = g.local[rank as usize];
-        Some(Assignment::Member(Membership {
+        Some(Assignment::Member(Box::new(Membership {
             generation: g.number,
             rank,
             world,
@@ -558,7 +562,7 @@ impl Job {
             bootstrap: g.bootstrap.clone(),
             start_step: g.start_step,
             source: g.source.clone(),
-        }))
+        })))
     }
 }
 
@@ -703,8 +707,7 @@ impl Coordinator {
         }
         let world = job.generation.as_ref().map_or(0, Generation::world);
         let standbys = job.workers.iter().filter(|w| job.rank_of(&w.id).is_none() && !w.leaving).count() as u32;
-        let change = job.state == JobState::Running
-            && (req.workers < world || (req.workers > world && standbys > 0));
+        let change = job.state == JobState::Running && (req.workers < world || (req.workers > world && standbys > 0));
         if change {
             job.open_next(Change::Scale, format!("scale to {} workers", req.workers), Instant::now());
         }
@@ -747,7 +750,12 @@ impl Coordinator {
         let mut replaced = None;
         if let Some(old) = job.workers.iter().find(|w| w.collective_addr == req.collective_addr).map(|w| w.id.clone()) {
             let step = job.committed_steps;
-            job.event("lost", Some(&old), format!("replaced by a worker joining at its address {}", req.collective_addr), step);
+            job.event(
+                "lost",
+                Some(&old),
+                format!("replaced by a worker joining at its address {}", req.collective_addr),
+                step,
+            );
             if job.rank_of(&old).is_some() {
                 job.open_next(Change::Lost, format!("worker {old} was replaced at {}", req.collective_addr), now);
             }
@@ -846,8 +854,7 @@ impl Coordinator {
             {
                 return Ok(Ok(job.assignment(me).expect("a member has an assignment")));
             }
-            job.worker_mut(me)?.offer =
-                Some(Offer { bootstrap: req.collective_bootstrap.clone(), state: req.state });
+            job.worker_mut(me)?.offer = Some(Offer { bootstrap: req.collective_bootstrap.clone(), state: req.state });
             let deadline = if job.generation.is_none() {
                 job.maybe_seal_first(now)
             } else {
@@ -1009,8 +1016,12 @@ impl Coordinator {
                 w.device = req.metrics.device.clone();
             }
             w.latest = Some(req.metrics.clone());
-            let report =
-                Report { metrics: req.metrics, slots: req.slots, skipped: req.skipped_slots, checkpoint: req.checkpoint };
+            let report = Report {
+                metrics: req.metrics,
+                slots: req.slots,
+                skipped: req.skipped_slots,
+                checkpoint: req.checkpoint,
+            };
             job.pending_reports.entry(step).or_default().insert(rank, report);
             let before = job.committed_steps;
             job.commit_ready_steps();
@@ -1139,7 +1150,7 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hcmoco_proto::domain::{FetchWork, HeldState, Heartbeat, Join, Leave, Rendezvous, ReportFailure, ReportStep};
+    use hcmoco_proto::domain::{FetchWork, Heartbeat, HeldState, Join, Leave, Rendezvous, ReportFailure, ReportStep};
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -1193,7 +1204,7 @@ mod tests {
 
     fn member(a: Option<Assignment>) -> Membership {
         match a {
-            Some(Assignment::Member(m)) => m,
+            Some(Assignment::Member(m)) => *m,
             other => panic!("expected a membership, got {other:?}"),
         }
     }
@@ -1348,7 +1359,8 @@ mod tests {
         // The device a step ran on replaces the one named at Join (with NCCL it is chosen later).
         let on_gpu = StepMetrics { step: 1, loss_total: 1.0, device: "cuda:0".into(), ..Default::default() };
         let call = WorkerCall { worker_id: a.clone(), generation: 1 };
-        c.report_step(ReportStep { call, metrics: on_gpu, slots: 5..7, ..Default::default() }).expect("report on cuda:0");
+        c.report_step(ReportStep { call, metrics: on_gpu, slots: 5..7, ..Default::default() })
+            .expect("report on cuda:0");
         let devices: Vec<String> = c.status(&job).expect("status").workers.iter().map(|w| w.device.clone()).collect();
         assert_eq!(devices, ["cuda:0", "cpu"]);
         train(&c, &b, 1, 1).expect("report");
@@ -1410,7 +1422,8 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         c.reap(Instant::now());
         // b is lost: the survivor is told to rendezvous for generation 2.
-        let hb = c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 0 }).expect("hb");
+        let hb =
+            c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 0 }).expect("hb");
         assert_eq!((hb.generation, hb.stop), (2, false));
         // Every remaining member is back at once, and one is below workers.min = 2: with no wait
         // allowed, the job fails.

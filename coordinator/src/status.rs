@@ -9,6 +9,24 @@ use crate::job::wire_state_name;
 /// Display order of the loss terms.
 const TERM_ORDER: [&str; 6] = ["rgb_depth", "depth_rgb", "depth_kp", "kp_depth", "rgb_kp", "kp_rgb"];
 
+/// One ledger entry as a JSON object (the keys `hcmoco ledger` documents).
+pub fn ledger_line(e: &pb::LedgerEntry) -> String {
+    serde_json::json!({
+        "epoch": e.epoch,
+        "slot": e.slot,
+        "dataset": e.dataset,
+        "index": e.index,
+        "step": e.step,
+        "generation": e.generation,
+        "rank": e.rank,
+        "skipped": e.skipped,
+    })
+    .to_string()
+}
+
+/// How many membership events `hcmoco status` shows.
+const EVENTS_SHOWN: usize = 8;
+
 /// One line per job (for `hcmoco status` without `--job`).
 pub fn render_line(s: &pb::JobStatus) -> String {
     let loss = s.latest.as_ref().map_or("-".to_string(), |m| format!("{:.4}", m.loss_total));
@@ -88,6 +106,20 @@ pub fn render(s: &pb::JobStatus) -> String {
             "  {:>4}  {:<8} {:<12} {:<7} {:>6} {:>9} {:>8} {:>9} {:>8} {:>10}",
             rank, w.worker_id, w.host_id, w.device, w.reported_steps, step_ms, data_ms, compute_ms, comm_ms, loss
         );
+    }
+    if !s.events.is_empty() {
+        let _ = writeln!(out, "  events (latest {}):", s.events.len().min(EVENTS_SHOWN));
+        for e in s.events.iter().rev().take(EVENTS_SHOWN).rev() {
+            let who = if e.worker_id.is_empty() {
+                String::new()
+            } else if e.rank >= 0 {
+                format!(" {} (rank {})", e.worker_id, e.rank)
+            } else {
+                format!(" {}", e.worker_id)
+            };
+            let why = if e.reason.is_empty() { String::new() } else { format!(": {}", e.reason) };
+            let _ = writeln!(out, "    step {:>6}  gen {:>3}  {}{who}{why}", e.step, e.generation, e.kind);
+        }
     }
     out
 }

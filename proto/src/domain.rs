@@ -483,7 +483,7 @@ pub enum StateSource {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Assignment {
     /// A member of `generation`.
-    Member(Membership),
+    Member(Box<Membership>),
     /// Not needed (scale-down, or more workers than the target): exit 0.
     Released { generation: u64 },
 }
@@ -513,6 +513,7 @@ impl From<Assignment> for pb::RendezvousResponse {
                 pb::RendezvousResponse { ready: true, released: true, generation, ..Default::default() }
             }
             Assignment::Member(m) => {
+                let m = *m;
                 let (state_source_rank, restore_checkpoint) = match m.source {
                     StateSource::Rank(r) => (r as i32, String::new()),
                     StateSource::Checkpoint(dir) => (-1, dir),
@@ -579,7 +580,7 @@ impl TryFrom<pb::RendezvousResponse> for Option<Assignment> {
             None if r.world_size == 1 => Neighbour::clone(&left),
             None => Neighbour::default(),
         };
-        Ok(Some(Assignment::Member(Membership {
+        Ok(Some(Assignment::Member(Box::new(Membership {
             generation: r.generation,
             rank: r.rank,
             world: r.world_size,
@@ -591,7 +592,7 @@ impl TryFrom<pb::RendezvousResponse> for Option<Assignment> {
             bootstrap: r.collective_bootstrap,
             start_step: r.start_step,
             source,
-        })))
+        }))))
     }
 }
 
@@ -909,14 +910,17 @@ mod tests {
             start_step: 40,
             source: StateSource::Rank(0),
         };
-        let wire: pb::RendezvousResponse = Assignment::Member(m.clone()).into();
-        assert_eq!(Option::<Assignment>::try_from(wire.clone()).expect("valid"), Some(Assignment::Member(m)));
+        let wire: pb::RendezvousResponse = Assignment::Member(Box::new(m.clone())).into();
+        assert_eq!(Option::<Assignment>::try_from(wire.clone()).expect("valid"), Some(Assignment::Member(Box::new(m))));
         let bad = pb::RendezvousResponse { state_source_rank: 5, ..wire.clone() };
         assert_eq!(field_of(Option::<Assignment>::try_from(bad)), "state_source_rank");
         let bad = pb::RendezvousResponse { rank: 3, ..wire };
         assert_eq!(field_of(Option::<Assignment>::try_from(bad)), "rank");
         let released: pb::RendezvousResponse = Assignment::Released { generation: 4 }.into();
-        assert_eq!(Option::<Assignment>::try_from(released).expect("valid"), Some(Assignment::Released { generation: 4 }));
+        assert_eq!(
+            Option::<Assignment>::try_from(released).expect("valid"),
+            Some(Assignment::Released { generation: 4 })
+        );
     }
 
     #[test]
@@ -927,7 +931,10 @@ mod tests {
             global_slot_end: 20,
             local_slot_begin: 12,
             local_slot_end: 14,
-            samples: vec![pb::SampleRef { slot: 12, ..Default::default() }, pb::SampleRef { slot: 13, ..Default::default() }],
+            samples: vec![
+                pb::SampleRef { slot: 12, ..Default::default() },
+                pb::SampleRef { slot: 13, ..Default::default() },
+            ],
             ..Default::default()
         };
         assert!(matches!(Work::try_from(ok.clone()), Ok(Work::Step(_))));

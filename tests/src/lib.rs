@@ -210,6 +210,12 @@ pub fn read_tensors(path: &Path) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
     Ok(v)
 }
 
+/// The model's tensors of a `--dump-state` file (which also holds the momentum buffers, named
+/// `momentum.*`, and the memory banks).
+pub fn without_momentum(v: Vec<(String, tch::Tensor)>) -> Vec<(String, tch::Tensor)> {
+    v.into_iter().filter(|(n, _)| !n.starts_with("momentum.")).collect()
+}
+
 /// Largest absolute and largest relative difference between two sets of named tensors (same names).
 pub fn max_diffs(a: &[(String, tch::Tensor)], b: &[(String, tch::Tensor)]) -> anyhow::Result<(f64, f64)> {
     if a.len() != b.len() {

@@ -67,7 +67,7 @@ fn two_workers_train_30_steps_and_stay_identical() {
     assert_eq!(meta["step"], 30);
     assert_eq!(meta["world_size"], 2);
 
-    // Replicas agree: parameters and buffers (BatchNorm running statistics) alike.
+    // Replicas agree: parameters, momentum and buffers (BatchNorm running statistics) alike.
     let r0 = read_tensors(&dump.join("rank-0.safetensors")).expect("rank 0 state");
     let r1 = read_tensors(&dump.join("rank-1.safetensors")).expect("rank 1 state");
     assert!(r0.iter().any(|(n, _)| n.ends_with("running_var")), "BatchNorm buffers present");
@@ -75,7 +75,7 @@ fn two_workers_train_30_steps_and_stay_identical() {
     assert!(abs < 1e-6, "ranks diverged: max abs diff {abs}");
     // And the checkpoint holds rank 0's final state.
     let saved = read_tensors(&ckpt.join("model.safetensors")).expect("checkpoint weights");
-    let (abs, _) = max_diffs(&saved, &r0).expect("same tensors");
+    let (abs, _) = max_diffs(&saved, &without_momentum(r0)).expect("same tensors");
     assert_eq!(abs, 0.0);
 }
 
@@ -156,8 +156,9 @@ fn run_job(tmp: &tempfile::TempDir, cfg: hcmoco_proto::JobConfig, workers: u32, 
         }
     }
     RunResult {
-        state: read_tensors(&dump.join("rank-0.safetensors")).expect("state"),
-        other_rank: (workers > 1).then(|| read_tensors(&dump.join("rank-1.safetensors")).expect("rank 1 state")),
+        state: without_momentum(read_tensors(&dump.join("rank-0.safetensors")).expect("state")),
+        other_rank: (workers > 1)
+            .then(|| without_momentum(read_tensors(&dump.join("rank-1.safetensors")).expect("rank 1 state"))),
         loss: last.loss_total,
     }
 }
@@ -295,8 +296,9 @@ fn memory_bank_two_ranks_match_one_rank_and_banks_stay_identical() {
     assert!(moved > 1e-3, "the banks were never updated (max change {moved:e})");
 }
 
-/// kill -9 of one worker in the middle of a run: the survivor's collective fails fast (no hang), the
-/// survivor exits non-zero naming the dead peer, and the job fails saying which rank was lost.
+/// kill -9 of one worker in the middle of a run that cannot go on below two workers
+/// (`workers.below_min_timeout_ms = 0`): the survivor's collective fails fast (no hang), the survivor
+/// exits non-zero naming the dead peer, and the job fails saying which rank was lost.
 #[test]
 fn a_killed_worker_fails_the_job_fast_and_names_the_peer() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -306,6 +308,7 @@ fn a_killed_worker_fails_the_job_fast_and_names_the_peer() {
     cfg.collective.timeout_ms = 5_000;
     cfg.heartbeat.interval_ms = 200;
     cfg.heartbeat.timeout_ms = 3_000;
+    cfg.workers.below_min_timeout_ms = 0;
     let job = c.submit(cfg);
     let mut workers: Vec<WorkerProc> =
         (0..2).map(|i| WorkerProc::spawn(&c.url(), &job, tmp.path().join(format!("w{i}.log")), &[])).collect();

@@ -151,7 +151,15 @@ mod tests {
     fn requests(step: u64, slots: std::ops::Range<u64>) -> Vec<Request> {
         slots
             .enumerate()
-            .map(|(p, slot)| Request { step, position: p, dataset: 0, index: (slot * 7) % 12, epoch: 1, slot, ticket: 0 })
+            .map(|(p, slot)| Request {
+                step,
+                position: p,
+                dataset: 0,
+                index: (slot * 7) % 12,
+                epoch: 1,
+                slot,
+                ticket: 0,
+            })
             .collect()
     }
 

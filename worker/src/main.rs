@@ -35,7 +35,7 @@ enum Cmd {
         /// Keep trying to reach the coordinator for this many seconds, then exit non-zero.
         #[arg(long, default_value_t = 30.0)]
         connect_timeout_secs: f64,
-        /// Write this rank's final parameters, buffers and memory banks to DIR/rank-R.safetensors.
+        /// Write this rank's final parameters, buffers, momentum and memory banks to DIR/rank-R.safetensors.
         #[arg(long)]
         dump_state: Option<PathBuf>,
         /// cpu or cuda:N (default: cpu; with the nccl backend, the GPU of this worker's local rank).
@@ -333,36 +333,36 @@ fn main() {
             dump_state,
             device,
             trace_slots,
-        } => {
-            run(RunOptions {
-                coordinator,
-                job,
-                host_id: host_id.unwrap_or_else(host_name),
-                bind,
-                advertise_addr,
-                connect_timeout: match Duration::try_from_secs_f64(connect_timeout_secs) {
-                    Ok(d) => d,
-                    Err(_) => {
-                        eprintln!("error: --connect-timeout-secs {connect_timeout_secs}: expected a finite number of seconds >= 0");
-                        std::process::exit(2);
-                    }
-                },
-                dump_state,
-                device,
-                trace_slots,
-            })
-            .map(|s| {
-                let how = match s.ending {
-                    hcmoco_worker::run::Ending::Completed => "done",
-                    hcmoco_worker::run::Ending::Left => "left",
-                    hcmoco_worker::run::Ending::Released => "released",
-                };
-                eprintln!(
-                    "worker {} (rank {}) {how}: job {} at step {}, last loss {:?}",
-                    s.worker_id, s.rank, s.job_id, s.steps, s.last_loss
-                )
-            })
-        }
+        } => run(RunOptions {
+            coordinator,
+            job,
+            host_id: host_id.unwrap_or_else(host_name),
+            bind,
+            advertise_addr,
+            connect_timeout: match Duration::try_from_secs_f64(connect_timeout_secs) {
+                Ok(d) => d,
+                Err(_) => {
+                    eprintln!(
+                        "error: --connect-timeout-secs {connect_timeout_secs}: expected a finite number of seconds >= 0"
+                    );
+                    std::process::exit(2);
+                }
+            },
+            dump_state,
+            device,
+            trace_slots,
+        })
+        .map(|s| {
+            let how = match s.ending {
+                hcmoco_worker::run::Ending::Completed => "done",
+                hcmoco_worker::run::Ending::Left => "left",
+                hcmoco_worker::run::Ending::Released => "released",
+            };
+            eprintln!(
+                "worker {} (rank {}) {how}: job {} at step {}, last loss {:?}",
+                s.worker_id, s.rank, s.job_id, s.steps, s.last_loss
+            )
+        }),
         Cmd::NcclCheck { device } => hcmoco_worker::comm::nccl::self_check(device).map(|report| println!("{report}")),
         Cmd::Bench { command } => match command {
             BenchCmd::Allreduce(a) => a.spec("allreduce").and_then(|s| hcmoco_worker::bench::run_parent(&s)),

@@ -193,10 +193,10 @@ impl Control {
     /// is aborted (peers may be gone) and the worker rendezvouses again.
     fn announce(&self, generation: u64) {
         let before = self.announced.fetch_max(generation, Ordering::SeqCst);
-        if generation > before.max(self.generation.load(Ordering::SeqCst)) {
-            if let Some(h) = Self::lock(&self.abort).as_ref() {
-                h.abort(&format!("regenerate: the coordinator is forming generation {generation}"));
-            }
+        if generation > before.max(self.generation.load(Ordering::SeqCst))
+            && let Some(h) = Self::lock(&self.abort).as_ref()
+        {
+            h.abort(&format!("regenerate: the coordinator is forming generation {generation}"));
         }
     }
 
@@ -463,7 +463,8 @@ enum SessionEnd {
 fn is_membership_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<CommError>().is_some()
-            || c.downcast_ref::<crate::train::StepError>().is_some_and(|s| matches!(s, crate::train::StepError::Comm(_)))
+            || c.downcast_ref::<crate::train::StepError>()
+                .is_some_and(|s| matches!(s, crate::train::StepError::Comm(_)))
             || c.downcast_ref::<CallFailed>().is_some_and(|f| matches!(f.error, CallError::StaleGeneration { .. }))
     })
 }
@@ -485,7 +486,7 @@ fn lifecycle(ctx: &Ctx, listener: TcpListener) -> anyhow::Result<RunSummary> {
                 eprintln!("released at generation {generation}: the job does not need this worker");
                 return Ok(summary(ctx, setup.as_ref(), last_rank, Ending::Released));
             }
-            Assignment::Member(m) => m,
+            Assignment::Member(m) => *m,
         };
         ctx.control.generation.store(m.generation, Ordering::SeqCst);
         last_rank = m.rank;
@@ -630,7 +631,8 @@ impl Setup {
                     first_manifest.layout
                 );
             }
-            let fixed = m.image_width > 0 && (m.image_width, m.image_height) == (first_manifest.image_width, first_manifest.image_height);
+            let fixed = m.image_width > 0
+                && (m.image_width, m.image_height) == (first_manifest.image_width, first_manifest.image_height);
             if cfg.data.image_size == 0 && !fixed {
                 bail!(
                     "data.image_size = 0 trains on images as stored, which needs one image size: data.datasets[{i}] has {}x{}, data.datasets[0] {}x{} (0 = varies); set data.image_size",
@@ -817,7 +819,9 @@ impl Setup {
             StateSource::Rank(root) => {
                 // Only the source's state is known good until the broadcast completes.
                 *has_state = *has_state && *root == rank;
-                self.trainer.broadcast_state(comm.as_mut(), *root as usize).context("cannot take the state source's state")?;
+                self.trainer
+                    .broadcast_state(comm.as_mut(), *root as usize)
+                    .context("cannot take the state source's state")?;
             }
             StateSource::Checkpoint(dir) => {
                 *has_state = false;
@@ -841,7 +845,7 @@ impl Setup {
             let resp = ctx.call("fetch work", async |mut c| {
                 c.fetch_work(pb::FetchWorkRequest { worker_id: ctx.worker_id.clone(), generation, step }).await
             })?;
-            Ok(Work::try_from(resp).context("the coordinator sent inconsistent work")?)
+            Work::try_from(resp).context("the coordinator sent inconsistent work")
         };
         let mut prefetched: Option<(u64, Work)> = None;
         let skip_bad = cfg.data.on_error == "skip";
@@ -875,7 +879,9 @@ impl Setup {
             };
             let work = match work {
                 Work::Step(w) => w,
-                Work::Rendezvous => return Ok(SessionEnd::NewGeneration(format!("the generation ends before step {step}"))),
+                Work::Rendezvous => {
+                    return Ok(SessionEnd::NewGeneration(format!("the generation ends before step {step}")));
+                }
                 Work::Done => return Ok(SessionEnd::Done),
                 Work::Ended(why) => {
                     ctx.control.stop(why.clone());
@@ -1009,9 +1015,7 @@ impl Setup {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("rank-{rank}.safetensors"));
         let mut state: Vec<(String, Tensor)> = self.trainer.model.state_on_cpu();
-        state.extend(
-            self.trainer.opt.state().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))),
-        );
+        state.extend(self.trainer.opt.state().into_iter().map(|(n, t)| (n, t.detach().to_device(Device::Cpu))));
         if let Some(b) = &self.trainer.banks {
             state.extend(b.state_on_cpu());
         }
@@ -1024,10 +1028,7 @@ impl Setup {
 fn restore_checkpoint(trainer: &mut Trainer, dir: &Path) -> anyhow::Result<()> {
     let (meta, model, opt, banks) = checkpoint::read(dir)?;
     crate::weights::copy_into(&format!("{}/model.safetensors", dir.display()), &trainer.model.state(), &model)?;
-    trainer
-        .opt
-        .load_state(&opt)
-        .map_err(|e| anyhow::anyhow!("{}/optimizer.safetensors: {e}", dir.display()))?;
+    trainer.opt.load_state(&opt).map_err(|e| anyhow::anyhow!("{}/optimizer.safetensors: {e}", dir.display()))?;
     if let Some(target) = &mut trainer.banks {
         let banks = banks.with_context(|| format!("{} has no memory banks (banks.safetensors)", dir.display()))?;
         target.load(&banks, &format!("{}/banks.safetensors", dir.display()))?;

@@ -161,7 +161,8 @@ impl TcpRing {
             source: e,
         })?;
 
-        let (left, left_hello) = accept_left(listener.borrow(), rank, left_rank, left_addr, generation, world_size, deadline)?;
+        let (left, left_hello) =
+            accept_left(listener.borrow(), rank, left_rank, left_addr, generation, world_size, deadline)?;
 
         // The right neighbour answers once it has accepted us; an early close means it rejected us.
         let right_error = |detail: String| CommError::Handshake {

@@ -1,0 +1,269 @@
+//! Elastic training with real processes: workers killed, added, terminated and scaled while a job
+//! runs. Every run ends with an audit: what the workers really trained (`--trace-slots`, applied
+//! minus undone steps) against the coordinator's ledger, and every slot of every epoch exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hcmoco_proto::domain::{JobId, LedgerRef, ScaleJob};
+use hcmoco_proto::pb;
+use hcmoco_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// One worker process with its trace file.
+struct Traced {
+    proc: WorkerProc,
+    trace: PathBuf,
+}
+
+fn spawn(c: &TestCoordinator, job: &JobId, dir: &Path, name: &str) -> Traced {
+    let trace = dir.join(format!("{name}.trace.jsonl"));
+    let dump = dir.join("state").display().to_string();
+    let proc = WorkerProc::spawn(
+        &c.url(),
+        job,
+        dir.join(format!("{name}.log")),
+        &["--trace-slots", &trace.display().to_string(), "--dump-state", &dump],
+    );
+    Traced { proc, trace }
+}
+
+/// (epoch, slot, step, generation, rank) of a trained slot.
+type Trained = (u64, u64, u64, u64, u32);
+
+/// What one worker's trace says it trained, applied minus undone, in order.
+fn net_trace(path: &Path) -> Vec<Trained> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut applied: Vec<(u64, Vec<Trained>)> = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON trace line");
+        let get = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {line}"));
+        let (epoch, step, generation, rank) = (get("epoch"), get("step"), get("generation"), get("rank") as u32);
+        let slots: Vec<Trained> = v["slots"]
+            .as_array()
+            .expect("slots")
+            .iter()
+            .map(|s| (epoch, s.as_u64().expect("slot"), step, generation, rank))
+            .collect();
+        match v["event"].as_str() {
+            Some("apply") => applied.push((step, slots)),
+            Some("undo") => {
+                let (last, _) = applied.pop().expect("an undo follows an apply");
+                assert_eq!(last, step, "{}: the undo names the last applied step", path.display());
+            }
+            other => panic!("unknown event {other:?}"),
+        }
+    }
+    applied.into_iter().flat_map(|(_, s)| s).collect()
+}
+
+/// The audit: the ledger of every epoch touched equals what the workers trained, and every full epoch
+/// trains each slot once. A killed worker may also have applied steps the ledger does not hold: one
+/// step nobody committed, or, after a rollback to a checkpoint, up to `killed_extra` steps.
+fn audit(c: &TestCoordinator, job: &JobId, workers: &[Traced], killed: &[usize], killed_extra: usize) {
+    let status = c.status(job);
+    let epochs = status.committed_steps.div_ceil(status.dataset_samples.div_ceil(status.global_batch));
+    let mut ledger: BTreeSet<Trained> = BTreeSet::new();
+    for epoch in 0..epochs {
+        let entries = c.coordinator.ledger(&LedgerRef { job_id: job.clone(), epoch }).expect("ledger of a known job");
+        let mut slots: Vec<u64> = entries.iter().map(|e| e.slot).collect();
+        slots.sort_unstable();
+        let full = epoch + 1 < epochs
+            || status.committed_steps.is_multiple_of(status.dataset_samples.div_ceil(status.global_batch));
+        if full {
+            assert_eq!(slots, (0..status.dataset_samples).collect::<Vec<_>>(), "epoch {epoch}: every slot once");
+        } else {
+            let distinct: BTreeSet<u64> = slots.iter().copied().collect();
+            assert_eq!(distinct.len(), slots.len(), "epoch {epoch}: no slot twice");
+        }
+        ledger.extend(entries.iter().filter(|e| !e.skipped).map(|e| (e.epoch, e.slot, e.step, e.generation, e.rank)));
+    }
+    let mut traced: BTreeMap<Trained, usize> = BTreeMap::new();
+    let mut uncommitted_by_killed: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+    for (i, w) in workers.iter().enumerate() {
+        for t in net_trace(&w.trace) {
+            if !ledger.contains(&t) {
+                assert!(
+                    killed.contains(&i),
+                    "worker {i} trained {t:?}, which the ledger does not hold\n{}",
+                    w.proc.log_text()
+                );
+                uncommitted_by_killed.entry(i).or_default().insert(t.2);
+                continue;
+            }
+            *traced.entry(t).or_default() += 1;
+        }
+    }
+    for (i, steps) in &uncommitted_by_killed {
+        assert!(steps.len() <= killed_extra, "killed worker {i} applied {steps:?}, which the ledger does not hold");
+    }
+    let missing: Vec<&Trained> = ledger.iter().filter(|t| !traced.contains_key(t)).collect();
+    assert!(missing.is_empty(), "ledger entries no worker trained: {:?}", &missing[..missing.len().min(10)]);
+    let twice: Vec<(&Trained, &usize)> = traced.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "slots trained twice: {twice:?}");
+}
+
+/// The final states dumped by the workers that finished are bit-identical.
+fn assert_identical(dir: &Path, ranks: &[u32]) {
+    let first = read_tensors(&dir.join(format!("state/rank-{}.safetensors", ranks[0]))).expect("dump");
+    for r in &ranks[1..] {
+        let other = read_tensors(&dir.join(format!("state/rank-{r}.safetensors"))).expect("dump");
+        assert_eq!(
+            max_diffs(&first, &other).expect("same tensors"),
+            (0.0, 0.0),
+            "rank {r} differs from rank {}",
+            ranks[0]
+        );
+    }
+}
+
+fn elastic_job(manifest: &Path, out: &Path, min: u32, max: u32, steps: u64) -> hcmoco_proto::JobConfig {
+    let mut cfg = small_job(manifest, out, max, steps, 6);
+    cfg.workers.min = min;
+    cfg.workers.max = max;
+    cfg.collective.timeout_ms = 10_000;
+    cfg.heartbeat.interval_ms = 200;
+    cfg.heartbeat.timeout_ms = 3_000;
+    cfg.rendezvous.settle_ms = 2_000;
+    cfg
+}
+
+fn kill(w: &mut Traced) {
+    w.proc.child.kill().expect("kill -9");
+    let _ = w.proc.child.wait();
+}
+
+fn sigterm(w: &Traced) {
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &w.proc.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(ok.success());
+}
+
+fn worker_of_rank(workers: &[Traced], s: &pb::JobStatus, rank: i32) -> usize {
+    let id = &s.workers.iter().find(|w| w.rank == rank).expect("rank present").worker_id;
+    workers.iter().position(|w| w.proc.log_text().contains(&format!("worker {id} joined"))).expect("the rank's process")
+}
+
+/// kill -9 of one of three workers mid-epoch: the job completes with two; the survivors end
+/// bit-identical; the ledger equals what the workers trained; every slot of every epoch exactly once.
+#[test]
+fn a_killed_worker_of_three_is_survived_and_nothing_is_lost_or_repeated() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 24, 32, 5);
+    let c = TestCoordinator::start();
+    let job = c.submit(elastic_job(&manifest, tmp.path(), 2, 3, 24));
+    let mut workers: Vec<Traced> = (0..3).map(|i| spawn(&c, &job, tmp.path(), &format!("w{i}"))).collect();
+    let s = c.wait_until(&job, LIMIT, |_| {}, |s| s.committed_steps >= 6).expect("training");
+    let victim = worker_of_rank(&workers, &s, 1);
+    kill(&mut workers[victim]);
+    let end = c.wait_until(&job, LIMIT, |_| {}, is_terminal).expect("job ends");
+    assert_eq!(state_of(&end), pb::JobState::Completed, "{}", end.message);
+    assert_eq!((end.committed_steps, end.world_size), (24, 2));
+    assert!(end.generation >= 2, "a second generation formed");
+    assert!(end.events.iter().any(|e| e.kind == "evicted" || e.kind == "lost"), "{:?}", end.events);
+    for (i, w) in workers.iter_mut().enumerate() {
+        if i != victim {
+            let code = w.proc.wait(Duration::from_secs(60)).expect("exits");
+            assert!(code.success(), "survivor {i} failed:\n{}", w.proc.log_text());
+        }
+    }
+    audit(&c, &job, &workers, &[victim], 1);
+    assert_identical(tmp.path(), &[0, 1]);
+}
+
+/// A worker joins a running job and ends bit-identical with the others; SIGTERM makes a worker leave
+/// (exit 0) while the job goes on; `scale` down releases a worker (exit 0), `scale` up admits a standby.
+#[test]
+fn join_sigterm_and_scale_while_training() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 24, 32, 6);
+    let c = TestCoordinator::start();
+    let mut cfg = elastic_job(&manifest, tmp.path(), 1, 3, 400);
+    cfg.rendezvous.settle_ms = 100;
+    let job = c.submit(cfg);
+    let mut workers: Vec<Traced> = (0..2).map(|i| spawn(&c, &job, tmp.path(), &format!("w{i}"))).collect();
+    c.wait_until(&job, LIMIT, |_| {}, |s| s.committed_steps >= 3).expect("training");
+    // A third worker joins: a new generation of three.
+    workers.push(spawn(&c, &job, tmp.path(), "w2"));
+    let s = c.wait_until(&job, LIMIT, |_| {}, |s| s.world_size == 3).expect("joined");
+    let g3 = s.generation;
+    c.wait_until(&job, LIMIT, |_| {}, |t| t.committed_steps >= s.committed_steps + 3).expect("three train");
+    // SIGTERM rank 0's process: it leaves at a step boundary and exits 0.
+    let s = c.status(&job);
+    let leaver = worker_of_rank(&workers, &s, 0);
+    sigterm(&workers[leaver]);
+    let code = workers[leaver].proc.wait(Duration::from_secs(60)).expect("the leaver exits");
+    assert!(code.success(), "a SIGTERM leave exits 0:\n{}", workers[leaver].proc.log_text());
+    let s = c.wait_until(&job, LIMIT, |_| {}, |s| s.world_size == 2 && s.generation > g3).expect("two remain");
+    assert_eq!(state_of(&s), pb::JobState::Running);
+    // Scale down to 1: the highest rank is released and exits 0.
+    c.coordinator.scale(ScaleJob { job_id: job.clone(), workers: 1 }).expect("scale down");
+    let s = c.wait_until(&job, LIMIT, |_| {}, |s| s.world_size == 1).expect("scaled down");
+    let member = |i: usize| {
+        s.workers
+            .iter()
+            .any(|w| w.rank >= 0 && workers[i].proc.log_text().contains(&format!("worker {} joined", w.worker_id)))
+    };
+    let released: Vec<usize> = (0..workers.len()).filter(|&i| i != leaver && !member(i)).collect();
+    assert_eq!(released.len(), 1, "one worker released: {:?}", s.workers);
+    let code = workers[released[0]].proc.wait(Duration::from_secs(60)).expect("released exits");
+    assert!(code.success(), "a released worker exits 0:\n{}", workers[released[0]].proc.log_text());
+    // A standby waits at the target of 1, then scale up to 2 admits it.
+    workers.push(spawn(&c, &job, tmp.path(), "w3"));
+    c.wait_until(&job, LIMIT, |_| {}, |s| s.workers.len() == 2).expect("standby joined");
+    let before = c.status(&job).generation;
+    c.coordinator.scale(ScaleJob { job_id: job.clone(), workers: 2 }).expect("scale up");
+    c.wait_until(&job, LIMIT, |_| {}, |s| s.world_size == 2 && s.generation > before).expect("scaled up");
+    let end = c.wait_until(&job, LIMIT, |_| {}, is_terminal).expect("job ends");
+    assert_eq!(state_of(&end), pb::JobState::Completed, "{}", end.message);
+    for (i, w) in workers.iter_mut().enumerate() {
+        let code = w.proc.wait(Duration::from_secs(60)).expect("exits");
+        assert!(code.success(), "worker {i}:\n{}", w.proc.log_text());
+    }
+    audit(&c, &job, &workers, &[], 0);
+    // The standby that joined last finished beside an original worker, bit-identical.
+    assert_identical(tmp.path(), &[0, 1]);
+    let kinds: BTreeSet<&str> = end.events.iter().map(|e| e.kind.as_str()).collect();
+    for k in ["join", "leave", "released", "scale", "generation"] {
+        assert!(kinds.contains(k), "{k} missing from {kinds:?}");
+    }
+}
+
+/// Every worker killed: a newcomer restores the committed checkpoint, the steps after it are rolled
+/// back (the ledger truncated there), and the job completes.
+#[test]
+fn after_every_worker_dies_a_newcomer_restores_the_committed_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 24, 32, 7);
+    let c = TestCoordinator::start();
+    let mut cfg = elastic_job(&manifest, tmp.path(), 1, 2, 30);
+    cfg.checkpoint.every_steps = 4;
+    let job = c.submit(cfg);
+    let mut workers: Vec<Traced> = (0..2).map(|i| spawn(&c, &job, tmp.path(), &format!("w{i}"))).collect();
+    c.wait_until(&job, LIMIT, |_| {}, |s| s.committed_steps >= 6 && !s.latest_checkpoint.is_empty())
+        .expect("a checkpoint committed");
+    for w in &mut workers {
+        kill(w);
+    }
+    let before = c.status(&job);
+    // The leases run out (3 s); then one newcomer is enough (workers.min = 1).
+    workers.push(spawn(&c, &job, tmp.path(), "w2"));
+    let end = c.wait_until(&job, LIMIT, |_| {}, is_terminal).expect("job ends");
+    assert_eq!(state_of(&end), pb::JobState::Completed, "{}", end.message);
+    let log = workers[2].proc.log_text();
+    assert!(log.contains("restored") && log.contains("step-0000000"), "the newcomer restores:\n{log}");
+    let rollback = end.events.iter().find(|e| e.kind == "rollback");
+    if !before.committed_steps.is_multiple_of(4) {
+        let r = rollback.unwrap_or_else(|| panic!("a rollback event: {:?}", end.events));
+        assert_eq!(r.step % 4, 0, "rolled back to a checkpoint: {r:?}");
+    }
+    let code = workers[2].proc.wait(Duration::from_secs(60)).expect("exits");
+    assert!(code.success(), "{}", workers[2].proc.log_text());
+    // Steps after the checkpoint were trained by the killed workers, then rolled back.
+    let restored = end.events.iter().find(|e| e.kind == "rollback").map_or(before.committed_steps, |e| e.step);
+    audit(&c, &job, &workers, &[0, 1], (before.committed_steps - restored) as usize + 1);
+}
