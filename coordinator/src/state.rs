@@ -395,9 +395,9 @@ impl Job {
         }
         // Evict old members that did not come back; release those beyond the target.
         for w in &lost {
-            if self.worker(w).is_some() {
-                let kind = if self.worker(w).is_some_and(|x| x.leaving) { "leave" } else { "evicted" };
-                self.event(kind, Some(w), "did not rendezvous for the next generation", next.boundary);
+            // A leaving member's leave is already an event; the others are evicted.
+            if self.worker(w).is_some_and(|x| !x.leaving) {
+                self.event("evicted", Some(w), "did not rendezvous for the next generation", next.boundary);
             }
         }
         let mut gone: Vec<WorkerId> = lost.clone();

@@ -802,6 +802,138 @@ impl Trainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench_step::{StepBenchSpec, synthetic_batch};
+    use crate::comm::{AbortHandle, CpuOptions, PeerInfo, ReduceOp, connect_cpu_with};
+    use hcmoco_proto::config::{Dtype, ModelConfig, Norm};
+
+    /// A world of one whose `fail_at`-th broadcast (counted from 1) fails, as a peer dying during the
+    /// step's last collective would make it.
+    struct FailingBroadcast {
+        inner: Box<dyn Communicator>,
+        broadcasts: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Communicator for FailingBroadcast {
+        fn rank(&self) -> usize {
+            self.inner.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.inner.world_size()
+        }
+        fn generation(&self) -> u64 {
+            self.inner.generation()
+        }
+        fn abort_handle(&self) -> AbortHandle {
+            self.inner.abort_handle()
+        }
+        fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<(), CommError> {
+            self.inner.all_reduce(t, op)
+        }
+        fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor, CommError> {
+            self.inner.reduce_scatter(t, op)
+        }
+        fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor, CommError> {
+            self.inner.all_gather_cat(t)
+        }
+        fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<(), CommError> {
+            self.broadcasts += 1;
+            if self.fail_at == Some(self.broadcasts) {
+                return Err(CommError::Aborted { op: "broadcast", reason: "injected: peer gone".into() });
+            }
+            self.inner.broadcast(t, root)
+        }
+        fn barrier(&mut self) -> Result<(), CommError> {
+            self.inner.barrier()
+        }
+    }
+
+    fn world_of_one() -> Box<dyn Communicator> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let peers = [PeerInfo { addr, host_id: "t".into() }];
+        let opts = CpuOptions { timeout: Duration::from_secs(30), ..CpuOptions::default() };
+        Box::new(connect_cpu_with(listener, 0, &peers, 1, &opts).expect("world of one"))
+    }
+
+    /// Every tensor of the training state, copied: parameters, momentum, buffers, banks.
+    fn snapshot(t: &Trainer) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = t.model.state().into_iter().map(|(n, x)| (n, x.detach().copy())).collect();
+        v.extend(t.opt.state().into_iter().map(|(n, x)| (n, x.copy())));
+        if let Some(b) = &t.banks {
+            v.extend(b.state_on_cpu());
+        }
+        v
+    }
+
+    fn assert_same(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) {
+        assert_eq!(a.len(), b.len());
+        for ((na, ta), (nb, tb)) in a.iter().zip(b) {
+            assert_eq!(na, nb);
+            assert!(ta.equal(tb), "{what}: {na} differs");
+        }
+    }
+
+    /// A failure in the step's last collective (after the forward pass wrote the BatchNorm buffers,
+    /// before the update) leaves the state exactly as before the step; a committed step is undone
+    /// bit for bit, memory-bank rows included.
+    #[test]
+    fn a_failed_step_changes_nothing_and_a_committed_one_undoes_exactly() {
+        tch::set_num_threads(1);
+        let spec = StepBenchSpec {
+            backbone: "hrnet_small".into(),
+            batch: 4,
+            image: 32,
+            stage: 1,
+            dicl_points: 0,
+            threads: 1,
+            warmup: 0,
+            iters: 1,
+            device: Device::Cpu,
+            autocast: false,
+            norm: Norm::Batch,
+            memory_bank: Some((8, 3)),
+        };
+        let cfg = ModelConfig {
+            backbone: "hrnet_small".into(),
+            norm: Norm::Batch,
+            dtype: Dtype::F32,
+            embed_dim: 16,
+            keypoint_hidden: 16,
+            keypoint_blocks: 1,
+            ..Default::default()
+        };
+        let layout = hcmoco_data::KeypointLayout::Mpii16;
+        let model = Model::new(&cfg, layout, 0, Device::Cpu).expect("model");
+        let bank = MemoryBank::new(8, 16, 0, model.kind, Device::Cpu);
+        let banks = Banks::new(bank, std::array::from_fn(|_| (0..8).collect())).expect("banks");
+        let objective =
+            Objective { stage: 1, variant: Variant::MemoryBank, temperature: 0.07, negatives: 3, seed: 0 };
+        let joints = layout.num_joints() as i64;
+        let mut t = Trainer::new(model, 0.9, 1e-4, objective, Some(banks), joints, 1 << 20);
+        let batch = synthetic_batch(&spec, joints, Kind::Float);
+        let mut comm = FailingBroadcast { inner: world_of_one(), broadcasts: 0, fail_at: None };
+        let s0 = snapshot(&t);
+        t.step(&mut comm, &batch, None, 0.1).expect("step 0");
+        assert_eq!((t.applied_steps, t.can_undo()), (1, true));
+        let s1 = snapshot(&t);
+        // Step 1 fails in its last collective: the int counters' broadcast (the 2nd broadcast).
+        comm.broadcasts = 0;
+        comm.fail_at = Some(2);
+        let err = t.step(&mut comm, &batch, None, 0.1).expect_err("injected failure");
+        assert!(matches!(err, StepError::Comm(_)), "{err}");
+        assert_same(&snapshot(&t), &s1, "after a failed step");
+        assert_eq!(t.applied_steps, 1);
+        // Undo the committed step 0: back to the initial state, bit for bit.
+        assert_eq!(t.undo_last(), Some(0));
+        assert_same(&snapshot(&t), &s0, "after undoing step 0");
+        assert_eq!((t.applied_steps, t.can_undo()), (0, false));
+        assert!(t.undo_last().is_none(), "one step back at most");
+        // And training again from there reproduces step 0 exactly.
+        comm.fail_at = None;
+        t.step(&mut comm, &batch, None, 0.1).expect("step 0 again");
+        assert_same(&snapshot(&t), &s1, "step 0 retrained");
+    }
 
     #[test]
     fn banks_refuse_unsorted_or_out_of_range_eligible_ids() {
