@@ -11,7 +11,9 @@
 //! - [`server`]: [`server::run`] serves them plus gRPC health and reflection on a caller-bound listener.
 //! - [`client`], [`status`]: connecting to a coordinator and rendering job status for the CLI.
 //! - [`launch`]: `hcmoco launch --local`: an in-process coordinator plus worker processes.
+//! - [`bench`]: `hcmoco bench`: rendezvous and heartbeats of many simulated workers over gRPC.
 
+pub mod bench;
 pub mod client;
 pub mod job;
 pub mod launch;

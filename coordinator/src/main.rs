@@ -75,6 +75,11 @@ enum Cmd {
         #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
         coordinator: String,
     },
+    /// Measure the coordinator with simulated workers over gRPC on loopback (docs/benchmarks.md).
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
     /// Run a whole job on this machine: in-process coordinator plus N worker processes.
     Launch {
         /// Required: the only mode so far (cluster runs use `serve` and Kubernetes).
@@ -109,6 +114,27 @@ enum Cmd {
         /// start from: its weights (not the dense heads) and memory banks.
         #[arg(long)]
         init_checkpoint: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// N workers join, then rendezvous at once: seconds until the last has its assignment.
+    Rendezvous {
+        #[arg(long)]
+        workers: u32,
+        /// HTTP/2 connections the simulated workers share.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
+    /// N joined workers heartbeat back to back: heartbeats answered per second, CPU used.
+    Heartbeats {
+        #[arg(long)]
+        workers: u32,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 5.0)]
+        secs: f64,
     },
 }
 
@@ -183,6 +209,22 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{job}: {}", hcmoco_coordinator::job::wire_state_name(r.state));
             Ok(())
         }
+        Cmd::Bench { what } => match what {
+            BenchCmd::Rendezvous { workers, connections } => {
+                let (secs, bytes) = hcmoco_coordinator::bench::rendezvous(workers, connections).await?;
+                println!(
+                    "rendezvous workers={workers} connections={connections} secs={secs:.3} largest_assignment_bytes={bytes}"
+                );
+                Ok(())
+            }
+            BenchCmd::Heartbeats { workers, connections, secs } => {
+                let (per_sec, cpu) = hcmoco_coordinator::bench::heartbeats(workers, connections, secs).await?;
+                println!(
+                    "heartbeats workers={workers} connections={connections} per_sec={per_sec:.0} cpu_cores={cpu:.2}"
+                );
+                Ok(())
+            }
+        },
         Cmd::Scale { job, workers, coordinator } => {
             let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
             let r = c

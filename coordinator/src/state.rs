@@ -81,6 +81,11 @@ struct Job {
     message: String,
     /// Joined workers in join order (members, joiners waiting, standbys, released ones not yet gone).
     workers: Vec<Worker>,
+    /// Position in `workers` by id and by collective address (rebuilt when workers are removed).
+    index: HashMap<WorkerId, usize>,
+    by_addr: HashMap<String, usize>,
+    /// Workers with an offer (waiting in a rendezvous).
+    waiting: usize,
     /// The latest sealed generation.
     generation: Option<Generation>,
     /// The generation being formed, once the first has been sealed.
@@ -171,12 +176,42 @@ impl Job {
         Ok(())
     }
 
+    fn pos(&self, id: &WorkerId) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
     fn worker(&self, id: &WorkerId) -> Option<&Worker> {
-        self.workers.iter().find(|w| &w.id == id)
+        self.pos(id).map(|i| &self.workers[i])
     }
 
     fn worker_mut(&mut self, id: &WorkerId) -> Result<&mut Worker, CoordError> {
-        self.workers.iter_mut().find(|w| &w.id == id).ok_or_else(|| CoordError::NoWorker(id.clone()))
+        match self.pos(id) {
+            Some(i) => Ok(&mut self.workers[i]),
+            None => Err(CoordError::NoWorker(id.clone())),
+        }
+    }
+
+    fn add_worker(&mut self, w: Worker) {
+        let i = self.workers.len();
+        self.index.insert(w.id.clone(), i);
+        self.by_addr.insert(w.collective_addr.clone(), i);
+        self.workers.push(w);
+    }
+
+    fn reindex(&mut self) {
+        self.index = self.workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
+        self.by_addr = self.workers.iter().enumerate().map(|(i, w)| (w.collective_addr.clone(), i)).collect();
+        self.waiting = self.workers.iter().filter(|w| w.offer.is_some()).count();
+    }
+
+    /// Sets or clears a worker's rendezvous offer, keeping the count of waiting workers.
+    fn set_offer(&mut self, i: usize, offer: Option<Offer>) {
+        match (self.workers[i].offer.is_some(), offer.is_some()) {
+            (false, true) => self.waiting += 1,
+            (true, false) => self.waiting -= 1,
+            _ => {}
+        }
+        self.workers[i].offer = offer;
     }
 
     fn rank_of(&self, id: &WorkerId) -> Option<u32> {
@@ -221,7 +256,12 @@ impl Job {
 
     /// Removes workers from the job (the caller drops them from the worker index).
     fn remove_workers(&mut self, ids: &[WorkerId]) {
-        self.workers.retain(|w| !ids.contains(&w.id));
+        if ids.is_empty() {
+            return;
+        }
+        let gone: std::collections::HashSet<&WorkerId> = ids.iter().collect();
+        self.workers.retain(|w| !gone.contains(&w.id));
+        self.reindex();
     }
 
     /// Seals the first generation when enough workers wait: at the target at once, else after the
@@ -230,9 +270,8 @@ impl Job {
         if self.state != JobState::Pending || self.generation.is_some() {
             return None;
         }
-        let waiting: Vec<usize> = (0..self.workers.len()).filter(|&i| self.workers[i].offer.is_some()).collect();
         let present = self.workers.len() as u32;
-        if present < self.config.workers.min || (waiting.len() as u32) < self.config.workers.min {
+        if present < self.config.workers.min || (self.waiting as u32) < self.config.workers.min {
             if present < self.config.workers.min {
                 self.quorum_since = None;
             }
@@ -240,10 +279,11 @@ impl Job {
         }
         let since = *self.quorum_since.get_or_insert(now);
         let deadline = since + Duration::from_millis(self.config.rendezvous.settle_ms);
-        if (waiting.len() as u32) < self.target && now < deadline {
+        if (self.waiting as u32) < self.target && now < deadline {
             return Some(deadline);
         }
-        let chosen: Vec<usize> = waiting.into_iter().take(self.target as usize).collect();
+        let chosen: Vec<usize> =
+            (0..self.workers.len()).filter(|&i| self.workers[i].offer.is_some()).take(self.target as usize).collect();
         self.seal(chosen, 0, None);
         // Pending -> Running is always legal here (checked state above).
         let _ = self.set_state(JobState::Running, "");
@@ -269,7 +309,7 @@ impl Job {
         let generation =
             Generation::new(number, members.clone(), &ranked_hosts, bootstrap.unwrap_or_default(), start_step, source);
         for &i in &order {
-            self.workers[i].offer = None;
+            self.set_offer(i, None);
         }
         self.ledger.open(number, members.iter().map(|m| m.0.clone()).collect(), start_step);
         self.pending_reports.clear();
@@ -335,23 +375,21 @@ impl Job {
         };
         let rejoin_deadline = window_from + Duration::from_millis(self.config.rendezvous.rejoin_ms);
         // Old members still registered and not leaving, in old rank order.
-        let old: Vec<usize> = g
-            .members
-            .iter()
-            .filter_map(|m| self.workers.iter().position(|w| &w.id == m))
-            .filter(|&i| !self.workers[i].leaving)
-            .collect();
+        let old: Vec<usize> =
+            g.members.iter().filter_map(|m| self.pos(m)).filter(|&i| !self.workers[i].leaving).collect();
         let all_back = old.iter().all(|&i| self.workers[i].offer.is_some());
         if !all_back && now < rejoin_deadline {
             return Some(rejoin_deadline);
         }
         let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
+        let released_set: std::collections::HashSet<&WorkerId> = self.released.iter().collect();
         let joiners: Vec<usize> = (0..self.workers.len())
             .filter(|&i| {
                 let w = &self.workers[i];
-                !w.leaving && w.offer.is_some() && g.rank_of(&w.id).is_none() && !self.released.contains(&w.id)
+                !w.leaving && w.offer.is_some() && g.rank_of(&w.id).is_none() && !released_set.contains(&w.id)
             })
             .collect();
+        drop(released_set);
         let target = self.target as usize;
         let mut chosen: Vec<usize> = arrived.iter().copied().take(target).collect();
         let released: Vec<usize> = arrived.iter().copied().skip(target).collect();
@@ -404,7 +442,7 @@ impl Job {
         for &i in &released {
             let id = self.workers[i].id.clone();
             self.event("released", Some(&id), format!("above the target of {target} workers"), next.boundary);
-            self.workers[i].offer = None;
+            self.set_offer(i, None);
             self.released.push(id);
         }
         // Where the new generation starts, and whose state it takes.
@@ -439,8 +477,7 @@ impl Job {
         gone.retain(|w| self.worker(w).is_some());
         self.remove_workers(&gone);
         dropped.extend(gone);
-        let chosen: Vec<usize> =
-            chosen_ids.iter().filter_map(|id| self.workers.iter().position(|w| &w.id == id)).collect();
+        let chosen: Vec<usize> = chosen_ids.iter().filter_map(|id| self.pos(id)).collect();
         self.seal(chosen, start, source);
         None
     }
@@ -637,6 +674,9 @@ impl Coordinator {
             state: JobState::Pending,
             message: String::new(),
             workers: Vec::new(),
+            index: HashMap::new(),
+            by_addr: HashMap::new(),
+            waiting: 0,
             generation: None,
             next: None,
             released: Vec::new(),
@@ -748,7 +788,7 @@ impl Coordinator {
             return Err(CoordError::Precondition(format!("job {job_id} is {}", job.state)));
         }
         let mut replaced = None;
-        if let Some(old) = job.workers.iter().find(|w| w.collective_addr == req.collective_addr).map(|w| w.id.clone()) {
+        if let Some(old) = job.by_addr.get(&req.collective_addr).map(|&i| job.workers[i].id.clone()) {
             let step = job.committed_steps;
             job.event(
                 "lost",
@@ -779,7 +819,7 @@ impl Coordinator {
         };
         let job = inner.jobs.get_mut(&job_id).ok_or_else(|| CoordError::NoJob(job_id.clone()))?;
         tracing::info!(job = %job_id, worker = %worker_id, host = %req.host_id, addr = %req.collective_addr, "worker joined");
-        job.workers.push(Worker {
+        job.add_worker(Worker {
             id: worker_id.clone(),
             host_id: req.host_id,
             collective_addr: req.collective_addr,
@@ -854,7 +894,8 @@ impl Coordinator {
             {
                 return Ok(Ok(job.assignment(me).expect("a member has an assignment")));
             }
-            job.worker_mut(me)?.offer = Some(Offer { bootstrap: req.collective_bootstrap.clone(), state: req.state });
+            let i = job.pos(me).ok_or_else(|| CoordError::NoWorker(me.clone()))?;
+            job.set_offer(i, Some(Offer { bootstrap: req.collective_bootstrap.clone(), state: req.state }));
             let deadline = if job.generation.is_none() {
                 job.maybe_seal_first(now)
             } else {

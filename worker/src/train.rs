@@ -907,8 +907,7 @@ mod tests {
         let model = Model::new(&cfg, layout, 0, Device::Cpu).expect("model");
         let bank = MemoryBank::new(8, 16, 0, model.kind, Device::Cpu);
         let banks = Banks::new(bank, std::array::from_fn(|_| (0..8).collect())).expect("banks");
-        let objective =
-            Objective { stage: 1, variant: Variant::MemoryBank, temperature: 0.07, negatives: 3, seed: 0 };
+        let objective = Objective { stage: 1, variant: Variant::MemoryBank, temperature: 0.07, negatives: 3, seed: 0 };
         let joints = layout.num_joints() as i64;
         let mut t = Trainer::new(model, 0.9, 1e-4, objective, Some(banks), joints, 1 << 20);
         let batch = synthetic_batch(&spec, joints, Kind::Float);
