@@ -356,32 +356,29 @@ impl Job {
         self.membership_changed();
     }
 
-    /// Tries to seal the next generation; returns when to look again if it is still forming, and the
-    /// workers evicted or lost on the way (to drop from the index).
+    /// Tries to seal the next generation; returns when to look again if it is still forming. Workers
+    /// removed on the way (leavers) are added to `dropped` (to drop from the index).
     fn maybe_reform(&mut self, now: Instant, dropped: &mut Vec<WorkerId>) -> Option<Instant> {
-        if self.state != JobState::Running {
+        if self.state != JobState::Running || self.committed_steps >= self.config.steps {
             return None;
         }
-        let (Some(g), Some(next)) = (self.generation.clone(), self.next.clone()) else { return None };
-        if next.drain() && self.committed_steps < next.boundary.min(self.config.steps) {
+        let (Some(g), Some(next)) = (self.generation.as_ref(), self.next.clone()) else { return None };
+        if next.drain() && self.committed_steps < next.boundary {
             return None; // members still train the old generation's steps before the boundary
         }
-        if self.committed_steps >= self.config.steps {
-            return None;
-        }
+        // Old members still registered and not leaving, in old rank order; those back in a rendezvous.
+        let old: Vec<usize> =
+            g.members.iter().filter_map(|m| self.pos(m)).filter(|&i| !self.workers[i].leaving).collect();
+        let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
         let window_from = match self.next.as_mut() {
             Some(n) => *n.window_from.get_or_insert(now),
             None => now,
         };
         let rejoin_deadline = window_from + Duration::from_millis(self.config.rendezvous.rejoin_ms);
-        // Old members still registered and not leaving, in old rank order.
-        let old: Vec<usize> =
-            g.members.iter().filter_map(|m| self.pos(m)).filter(|&i| !self.workers[i].leaving).collect();
-        let all_back = old.iter().all(|&i| self.workers[i].offer.is_some());
-        if !all_back && now < rejoin_deadline {
+        if arrived.len() < old.len() && now < rejoin_deadline {
             return Some(rejoin_deadline);
         }
-        let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
+        let g = self.generation.as_ref().expect("checked above");
         let released_set: std::collections::HashSet<&WorkerId> = self.released.iter().collect();
         let joiners: Vec<usize> = (0..self.workers.len())
             .filter(|&i| {
@@ -389,13 +386,35 @@ impl Job {
                 !w.leaving && w.offer.is_some() && g.rank_of(&w.id).is_none() && !released_set.contains(&w.id)
             })
             .collect();
-        drop(released_set);
+        let arrived_set: std::collections::HashSet<usize> = arrived.iter().copied().collect();
+        // Old members not back: leavers (they exit), and members evicted from the generation.
+        let missing: Vec<(WorkerId, u32, bool)> = g
+            .members
+            .iter()
+            .filter(|m| self.pos(m).is_none_or(|i| !arrived_set.contains(&i)))
+            .map(|m| (m.clone(), g.rank_of(m).unwrap_or(0), self.worker(m).is_some_and(|w| w.leaving)))
+            .collect();
         let target = self.target as usize;
         let mut chosen: Vec<usize> = arrived.iter().copied().take(target).collect();
         let released: Vec<usize> = arrived.iter().copied().skip(target).collect();
         chosen.extend(joiners.iter().copied().take(target.saturating_sub(chosen.len())));
-        let lost: Vec<WorkerId> =
-            g.members.iter().filter(|m| !arrived.iter().any(|&i| &self.workers[i].id == *m)).cloned().collect();
+        // Where the new generation starts, and whether a member brings its state.
+        let start = next.boundary.min(self.committed_steps);
+        let holds = |i: usize| self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start));
+        let holder = chosen.iter().any(|&i| holds(i));
+        if !holder && arrived.len() < old.len() {
+            // The state's holders may be old members still working their way to the rendezvous (a
+            // long step, a checkpoint being written): never roll back while one holds a live lease.
+            // The reaper removes it when its lease runs out.
+            let lease = Duration::from_millis(self.config.heartbeat.timeout_ms);
+            let expiry = old
+                .iter()
+                .filter(|i| !arrived_set.contains(i))
+                .map(|&i| self.workers[i].last_seen + lease)
+                .max()
+                .unwrap_or(now);
+            return Some(expiry.max(now + Duration::from_millis(50)));
+        }
         if (chosen.len() as u32) < self.config.workers.min {
             let since = match self.next.as_mut() {
                 Some(n) => *n.below_min_since.get_or_insert(now),
@@ -404,7 +423,7 @@ impl Job {
             let timeout = Duration::from_millis(self.config.workers.below_min_timeout_ms);
             if now >= since + timeout {
                 let names: Vec<String> =
-                    lost.iter().map(|w| format!("{w} (rank {})", g.rank_of(w).unwrap_or(0))).collect();
+                    missing.iter().filter(|m| !m.2).map(|(w, r, _)| format!("{w} (rank {r})")).collect();
                 let msg = format!(
                     "{} of workers.min = {} workers left for generation {} after {} ({}); lost: {}",
                     chosen.len(),
@@ -422,37 +441,32 @@ impl Job {
                 return None;
             }
             if since == now {
-                self.event(
-                    "below_min",
-                    None,
-                    format!("{} of workers.min = {}", chosen.len(), self.config.workers.min),
-                    next.boundary,
-                );
+                let what = format!("{} of workers.min = {}", chosen.len(), self.config.workers.min);
+                self.event("below_min", None, what, next.boundary);
             }
             return Some(since + timeout);
         }
-        // Evict old members that did not come back; release those beyond the target.
-        for w in &lost {
-            // A leaving member's leave is already an event; the others are evicted.
-            if self.worker(w).is_some_and(|x| !x.leaving) {
+        // Seal: leavers go; members that did not come back are evicted from the generation but stay
+        // registered (a slow one rendezvouses later as a joiner; a dead one's lease runs out).
+        let mut gone = Vec::new();
+        for (w, _, leaving) in &missing {
+            if *leaving {
+                gone.push(w.clone());
+            } else if self.worker(w).is_some() {
                 self.event("evicted", Some(w), "did not rendezvous for the next generation", next.boundary);
             }
         }
-        let mut gone: Vec<WorkerId> = lost.clone();
         for &i in &released {
             let id = self.workers[i].id.clone();
             self.event("released", Some(&id), format!("above the target of {target} workers"), next.boundary);
             self.set_offer(i, None);
             self.released.push(id);
         }
-        // Where the new generation starts, and whose state it takes.
-        let mut start = next.boundary.min(self.committed_steps);
-        let holder = chosen
-            .iter()
-            .position(|&i| self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start)));
-        let source = match holder {
-            Some(_) => None, // decided by seal (the first holder in rank order)
-            None => match self.committed_checkpoint.clone() {
+        let mut start = start;
+        let source = if holder {
+            None // decided by seal (the first holder in rank order)
+        } else {
+            match self.committed_checkpoint.clone() {
                 Some((steps, dir)) if steps <= start => {
                     if steps < start {
                         self.rollback(steps, &format!("no worker holds the state of step {start}: restoring {dir}"));
@@ -462,15 +476,13 @@ impl Job {
                 }
                 _ => {
                     if start > 0 {
-                        self.rollback(
-                            0,
-                            &format!("no worker holds the state of step {start} and no checkpoint is committed"),
-                        );
+                        let why = format!("no worker holds the state of step {start} and no checkpoint is committed");
+                        self.rollback(0, &why);
                     }
                     start = 0;
                     Some(StateSource::Rank(0))
                 }
-            },
+            }
         };
         // Indices move with the removal: choose again by id.
         let chosen_ids: Vec<WorkerId> = chosen.iter().map(|&i| self.workers[i].id.clone()).collect();
@@ -489,6 +501,10 @@ impl Job {
         self.committed_steps = steps;
         self.ledger.truncate(steps);
         self.pending_reports.clear();
+        self.skipped_samples = self.ledger.skipped.len() as u64;
+        for w in &mut self.workers {
+            w.reported_steps = w.reported_steps.min(steps);
+        }
     }
 
     fn commit_ready_steps(&mut self) {
@@ -746,7 +762,13 @@ impl Coordinator {
             job.event("scale", None, format!("target {before} -> {}", req.workers), step);
         }
         let world = job.generation.as_ref().map_or(0, Generation::world);
-        let standbys = job.workers.iter().filter(|w| job.rank_of(&w.id).is_none() && !w.leaving).count() as u32;
+        let standbys = job
+            .workers
+            .iter()
+            .filter(|w| {
+                job.rank_of(&w.id).is_none() && !w.leaving && w.offer.is_some() && !job.released.contains(&w.id)
+            })
+            .count() as u32;
         let change = job.state == JobState::Running && (req.workers < world || (req.workers > world && standbys > 0));
         if change {
             job.open_next(Change::Scale, format!("scale to {} workers", req.workers), Instant::now());
@@ -887,7 +909,7 @@ impl Coordinator {
                 return Ok(Ok(Assignment::Released { generation }));
             }
             // Already taken into a generation newer than the caller's: answer it.
-            if let (Some(g), None) = (&job.generation, &job.next)
+            if let Some(g) = &job.generation
                 && g.number > req.call.generation
                 && g.rank_of(me).is_some()
                 && job.worker(me).is_some_and(|w| w.offer.is_none())
@@ -988,10 +1010,15 @@ impl Coordinator {
         self.with_worker_job(&req.call.worker_id, |job, _| {
             match job.state {
                 JobState::Failed | JobState::Cancelled => return Ok(Work::Ended(job.ended_because())),
-                _ if job.state.is_terminal() || req.step >= job.config.steps => return Ok(Work::Done),
+                JobState::Completed => return Ok(Work::Done),
                 _ => {}
             }
             let rank = job.member_rank(&req.call)?;
+            if req.step >= job.config.steps {
+                // Past the last step, but not every rank has reported it: a failure could still make
+                // this generation's survivors train it again, so the worker must not leave yet.
+                return Ok(Work::Wait);
+            }
             if let Some(n) = &job.next
                 && n.drain()
                 && req.step >= n.boundary
@@ -1095,8 +1122,9 @@ impl Coordinator {
             let already_broken = job.next.as_ref().is_some_and(|n| !n.drain());
             let step = job.committed_steps;
             job.event("failure", Some(&req.call.worker_id), msg.clone(), step);
+            let member = job.rank_of(&req.call.worker_id).is_some();
             match job.state {
-                JobState::Running if req.fatal => job.set_state(JobState::Failed, msg)?,
+                JobState::Running if req.fatal && member => job.set_state(JobState::Failed, msg)?,
                 JobState::Running if req.call.generation == current && !already_broken => {
                     job.open_next(Change::Failure, msg, Instant::now());
                 }
@@ -1122,12 +1150,15 @@ impl Coordinator {
             }
             job.worker_mut(&me)?.leaving = true;
             job.event("leave", Some(&me), "leaving (SIGTERM)", step);
-            job.open_next(Change::Leave, format!("worker {me} is leaving"), Instant::now());
+            let now = Instant::now();
+            job.open_next(Change::Leave, format!("worker {me} is leaving"), now);
             let until = match &job.next {
                 Some(n) if n.drain() => n.boundary,
                 _ => job.committed_steps,
             };
-            job.touch();
+            // The others may all be waiting already: the generation can form without the leaver.
+            job.maybe_reform(now, dropped);
+            job.membership_changed();
             Ok(pb::LeaveResponse { until_step: until })
         })
     }
@@ -1581,6 +1612,99 @@ mod tests {
         let st = c.status(&job).expect("status");
         assert!(!st.workers.iter().any(|w| w.worker_id == b.0), "the leaver is gone");
         assert_eq!(st.committed_steps, 3);
+    }
+
+    /// Past the last step a worker is told to wait, not that the job is done, until every rank has
+    /// reported it: a failure could still make it train the last step again.
+    #[tokio::test(start_paused = true)]
+    async fn past_the_last_step_a_worker_waits_until_it_commits() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let (job, ws) = running(&c, &f, 2).await;
+        for s in 0..11 {
+            for w in &ws {
+                train(&c, w, 1, s).expect("report");
+            }
+        }
+        train(&c, &ws[0], 1, 11).expect("report");
+        assert_eq!(fetch(&c, &ws[0], 1, 12).expect("answer"), Work::Wait);
+        train(&c, &ws[1], 1, 11).expect("report");
+        assert_eq!(state(&c, &job), pb::JobState::Completed);
+        assert_eq!(fetch(&c, &ws[0], 1, 12).expect("answer"), Work::Done);
+    }
+
+    /// A member already sealed into the new generation gets its assignment even when another change
+    /// opened before it polled again.
+    #[tokio::test(start_paused = true)]
+    async fn a_sealed_member_is_not_stranded_by_a_change_before_its_poll() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let (job, ws) = running(&c, &f, 3).await;
+        train(&c, &ws[0], 1, 0).expect("report");
+        c.report_failure(ReportFailure {
+            call: WorkerCall { worker_id: ws[0].clone(), generation: 1 },
+            step: 0,
+            message: "peer gone".into(),
+            failed_rank: Some(2),
+            fatal: false,
+        })
+        .expect("report");
+        let held = Some(HeldState { applied_steps: 1, can_undo: true });
+        // b waits (its poll ends), a seals generation 2 after the rejoin window without rank 2.
+        assert_eq!(c.rendezvous(rdv_with(&ws[1], 1, held), Duration::from_millis(10)).await.expect("rdv"), None);
+        let ma = member(c.rendezvous(rdv_with(&ws[0], 1, held), Duration::from_secs(5)).await.expect("rdv"));
+        assert_eq!((ma.generation, ma.world, ma.start_step), (2, 2, 0));
+        // Before b polls again, a joiner opens a drain for generation 3.
+        c.scale(domain::ScaleJob { job_id: job.clone(), workers: 3 }).expect("scale");
+        let j = join(&c, &job, "h", 3001);
+        assert_eq!(c.rendezvous(rdv(&j), Duration::from_millis(10)).await.expect("rdv"), None);
+        let mb = member(c.rendezvous(rdv_with(&ws[1], 1, held), Duration::from_secs(1)).await.expect("rdv"));
+        assert_eq!((mb.generation, mb.rank), (2, 1), "b gets generation 2");
+        assert!(!c.status(&job).expect("status").events.iter().any(|e| e.kind == "evicted" && e.worker_id == ws[1].0));
+    }
+
+    /// Joiners alone never form a generation that rolls back while an old member holding the state
+    /// is alive but slow to rendezvous.
+    #[tokio::test(start_paused = true)]
+    async fn joiners_wait_for_a_live_holder_instead_of_rolling_back() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let mut cfg = config(&f, 1, 2);
+        cfg.steps = 12;
+        let job = c.submit(cfg).expect("submit");
+        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
+        let pa = spawn_rdv(&c, rdv(&a));
+        member(c.rendezvous(rdv(&b), Duration::from_secs(5)).await.expect("rdv"));
+        member(pa.await.expect("task").expect("rdv"));
+        for s in 0..3 {
+            train(&c, &a, 1, s).expect("report");
+            train(&c, &b, 1, s).expect("report");
+        }
+        let standby = join(&c, &job, "h", 1003);
+        assert_eq!(c.rendezvous(rdv(&standby), Duration::from_millis(10)).await.expect("rdv"), None);
+        c.report_failure(ReportFailure {
+            call: WorkerCall { worker_id: b.clone(), generation: 1 },
+            step: 3,
+            message: "peer gone".into(),
+            failed_rank: None,
+            fatal: false,
+        })
+        .expect("report");
+        // Past the rejoin window, a and b (alive: they heartbeat) have not come back.
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_millis(500)).await;
+            for w in [&a, &b] {
+                c.heartbeat(Heartbeat { call: WorkerCall { worker_id: w.clone(), generation: 1 }, step: 3 }).expect("hb");
+            }
+            c.reap(Instant::now());
+        }
+        assert_eq!(c.status(&job).expect("status").generation, 1, "no generation without the state");
+        let held = Some(HeldState { applied_steps: 3, can_undo: true });
+        let m = member(c.rendezvous(rdv_with(&a, 1, held), Duration::from_secs(1)).await.expect("rdv"));
+        assert_eq!((m.generation, m.start_step, m.source.clone()), (2, 3, StateSource::Rank(m.rank)));
+        let st = c.status(&job).expect("status");
+        assert_eq!(st.committed_steps, 3);
+        assert!(!st.events.iter().any(|e| e.kind == "rollback"), "{:?}", st.events);
     }
 
     #[tokio::test(start_paused = true)]

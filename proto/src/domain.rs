@@ -617,6 +617,8 @@ pub enum Work {
     Step(StepWork),
     /// The generation ends before this step: rendezvous for the next one.
     Rendezvous,
+    /// Nothing to train yet (past the last step, which is not committed): fetch again shortly.
+    Wait,
     /// The job has no more steps.
     Done,
     /// The job failed or was cancelled: why.
@@ -639,8 +641,10 @@ impl From<Work> for pb::FetchWorkResponse {
                 learning_rate: s.learning_rate,
                 message: String::new(),
                 rendezvous: false,
+                wait: false,
             },
             Work::Rendezvous => pb::FetchWorkResponse { rendezvous: true, ..Default::default() },
+            Work::Wait => pb::FetchWorkResponse { wait: true, ..Default::default() },
             Work::Done => pb::FetchWorkResponse { done: true, ..Default::default() },
             Work::Ended(message) => pb::FetchWorkResponse { done: true, message, ..Default::default() },
         }
@@ -652,6 +656,9 @@ impl TryFrom<pb::FetchWorkResponse> for Work {
     fn try_from(w: pb::FetchWorkResponse) -> Result<Self, FieldError> {
         if w.rendezvous {
             return Ok(Work::Rendezvous);
+        }
+        if w.wait {
+            return Ok(Work::Wait);
         }
         if w.done {
             return Ok(if w.message.is_empty() { Work::Done } else { Work::Ended(w.message) });

@@ -350,9 +350,9 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         Err(anyhow::anyhow!("the training thread panicked: {what}"))
     });
     if let Err(e) = &result {
-        // Best effort: tell the coordinator, so the job's status names the failure. What reaches
-        // here ends the worker, so it is fatal to the job unless the job already stopped.
-        report_failure(&rt, &client, &joined.worker_id, &control, e, true);
+        // Best effort: tell the coordinator, so the job's status names the failure. The job fails
+        // only for a fatal error; otherwise the others go on without this worker.
+        report_failure(&rt, &client, &joined.worker_id, &control, e, is_fatal(e));
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     result
@@ -445,6 +445,23 @@ impl Ctx {
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
         writeln!(f, "{line}").and_then(|()| f.flush()).context("--trace-slots: cannot append")
     }
+}
+
+/// Marks an error no new generation can help with (bad data under `data.on_error = "fail"`): the
+/// worker reports it `fatal`, and the job fails.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Fatal(String);
+
+/// Whether an error must fail the job rather than end this worker alone: bad data under the fail
+/// policy, a diverged loss, ranks disagreeing on the plan.
+fn is_fatal(e: &anyhow::Error) -> bool {
+    use crate::train::StepError;
+    e.chain().any(|c| {
+        c.downcast_ref::<Fatal>().is_some()
+            || c.downcast_ref::<StepError>()
+                .is_some_and(|s| matches!(s, StepError::NonFinite(_) | StepError::RowMismatch { .. }))
+    })
 }
 
 /// How one generation ended for this worker.
@@ -879,6 +896,11 @@ impl Setup {
             };
             let work = match work {
                 Work::Step(w) => w,
+                Work::Wait => {
+                    // The last step is trained but not committed everywhere yet.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
                 Work::Rendezvous => {
                     return Ok(SessionEnd::NewGeneration(format!("the generation ends before step {step}")));
                 }
@@ -912,7 +934,9 @@ impl Setup {
                         skipped_slots.push(s.slot);
                         eprintln!("rank {rank}: step {step}: skipped a sample: {e:#}");
                     }
-                    Err(e) => return Err(e.context(format!("step {step}: loading (data.on_error = \"fail\")"))),
+                    Err(e) => {
+                        return Err(e.context(Fatal(format!("step {step}: loading (data.on_error = \"fail\")"))));
+                    }
                 }
             }
             let batch = batch::build(&samples, &tags, &self.batch_opts)
