@@ -7,6 +7,8 @@
 //!   generations, heartbeat leases, committed steps.
 //! - [`membership`]: workers, sealed generations, and the rules that form the next one.
 //! - [`ledger`]: which rank of which generation trained every slot of every committed step.
+//! - [`record`], [`store`]: a job's durable record, and etcd (election, transactional writes) for
+//!   coordinator failover.
 //! - [`service`]: the gRPC handlers (JobService, WorkerService): validate once, call the state.
 //! - [`server`]: [`server::run`] serves them plus gRPC health and reflection on a caller-bound listener.
 //! - [`client`], [`status`]: connecting to a coordinator and rendering job status for the CLI.
@@ -20,10 +22,12 @@ pub mod launch;
 pub mod ledger;
 pub mod membership;
 pub mod plan;
+pub mod record;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod status;
+pub mod store;
 
 pub use state::Coordinator;
 

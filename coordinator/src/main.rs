@@ -30,6 +30,20 @@ enum Cmd {
         /// Address to listen on. Loopback by default: pass an explicit address to serve a cluster.
         #[arg(long, env = "HCMOCO_LISTEN", default_value = DEFAULT_ADDR)]
         listen: String,
+        /// etcd endpoints (comma-separated): keep the state there and elect one leader among the
+        /// coordinators started with the same endpoints and prefix; the others stand by.
+        #[arg(long, env = "HCMOCO_ETCD", value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix of this coordinator group in etcd.
+        #[arg(long, env = "HCMOCO_ETCD_PREFIX", default_value = "/hcmoco")]
+        etcd_prefix: String,
+        /// The address workers and clients reach this coordinator at (a standby names the leader's);
+        /// default: --listen.
+        #[arg(long, env = "HCMOCO_ADVERTISE")]
+        advertise: Option<String>,
+        /// The leader's lease in seconds: a standby takes over this long after the leader dies.
+        #[arg(long, default_value_t = 3)]
+        election_ttl_secs: i64,
     },
     /// Submit a job file (TOML) and print the job id.
     Submit {
@@ -138,6 +152,46 @@ enum BenchCmd {
     },
 }
 
+/// `serve --etcd`: serve as a standby at once (answering `Unavailable` with the leader's address),
+/// campaign, and lead once elected; exit non-zero if deposed, so a supervisor restarts it as a
+/// standby.
+async fn serve_with_etcd(
+    listener: tokio::net::TcpListener,
+    endpoints: Vec<String>,
+    prefix: String,
+    advertise: String,
+    ttl: i64,
+) -> anyhow::Result<()> {
+    let client = hcmoco_coordinator::store::connect(&endpoints).await?;
+    let coordinator = Coordinator::standby();
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_signal.cancel();
+    });
+    let mut server = tokio::spawn(server::run(listener, coordinator.clone(), shutdown.clone()));
+    let deposed = coordinator.deposed.clone();
+    let standby = coordinator.clone();
+    let elected = tokio::select! {
+        r = hcmoco_coordinator::store::campaign(client, &prefix, &advertise, ttl, deposed.clone(), |leader| standby.set_standby(leader)) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+        r = &mut server => return r?,
+    };
+    let loaded = elected.load().await?;
+    eprintln!("elected leader at {advertise} (etcd prefix {prefix}); carrying on {} stored jobs", loaded.jobs.len());
+    coordinator.lead(elected, loaded)?;
+    coordinator.persist().await.map_err(|s| anyhow::anyhow!("first write as leader: {}", s.message()))?;
+    tokio::select! {
+        _ = deposed.cancelled() => {
+            shutdown.cancel();
+            let _ = server.await;
+            anyhow::bail!("deposed: another coordinator leads now (lease lost or a write refused)")
+        }
+        r = &mut server => r?,
+    }
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HCMOCO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
@@ -155,10 +209,16 @@ async fn main() {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Serve { listen } => {
+        Cmd::Serve { listen, etcd, etcd_prefix, advertise, election_ttl_secs } => {
             let listener =
                 tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-            eprintln!("hcmoco coordinator listening on {}", listener.local_addr()?);
+            let local = listener.local_addr()?;
+            eprintln!("hcmoco coordinator listening on {local}");
+            if !etcd.is_empty() {
+                anyhow::ensure!(election_ttl_secs >= 1, "--election-ttl-secs must be at least 1");
+                let advertise = advertise.unwrap_or_else(|| local.to_string());
+                return serve_with_etcd(listener, etcd, etcd_prefix, advertise, election_ttl_secs).await;
+            }
             let shutdown = CancellationToken::new();
             let on_signal = shutdown.clone();
             tokio::spawn(async move {

@@ -98,6 +98,8 @@ pub(crate) enum Change {
     Scale,
     Failure,
     Lost,
+    /// A new coordinator took over: every worker rendezvouses again with it.
+    Takeover,
 }
 
 impl Change {

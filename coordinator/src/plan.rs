@@ -108,6 +108,11 @@ impl DataPlan {
         Ok(DataPlan { seed, global_batch, sizes, counts, total })
     }
 
+    /// Sample counts of the job's datasets (the plan's input).
+    pub fn sizes(&self) -> &[u64] {
+        &self.sizes
+    }
+
     /// Slots per epoch of each dataset.
     pub fn counts(&self) -> &[u64] {
         &self.counts

@@ -36,7 +36,14 @@ pub async fn run(listener: TcpListener, coordinator: Coordinator, shutdown: Canc
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => coordinator.reap(tokio::time::Instant::now()),
+                    _ = tick.tick() => {
+                        if coordinator.serving().is_ok() {
+                            coordinator.reap(tokio::time::Instant::now());
+                            if let Err(e) = coordinator.persist().await {
+                                tracing::warn!(error = %e.message(), "persisting after the lease check failed");
+                            }
+                        }
+                    }
                 }
             }
         })

@@ -40,23 +40,28 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + S
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::SubmitJob::try_from(req.into_inner())?;
         let id = self.coordinator.submit(req.config)?;
+        self.coordinator.persist().await?;
         Ok(Response::new(pb::SubmitJobResponse { job_id: id.0 }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        self.coordinator.serving()?;
         let req = domain::JobRef::try_from(req.into_inner())?;
         Ok(Response::new(self.coordinator.status(&req.job_id)?))
     }
 
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.coordinator.serving()?;
         Ok(Response::new(pb::ListJobsResponse { jobs: self.coordinator.list() }))
     }
 
     type WatchJobStream = StatusStream;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        self.coordinator.serving()?;
         let req = domain::JobRef::try_from(req.into_inner())?;
         let mut changed = self.coordinator.subscribe(&req.job_id)?;
         let coordinator = self.coordinator.clone();
@@ -89,20 +94,25 @@ impl JobService for JobApi {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::CancelJob::try_from(req.into_inner())?;
         let state = self.coordinator.cancel(&req.job_id, &req.reason)?;
+        self.coordinator.persist().await?;
         Ok(Response::new(pb::CancelJobResponse { state: pb::JobState::from(state) as i32 }))
     }
 
     async fn scale_job(&self, req: Request<pb::ScaleJobRequest>) -> Result<Response<pb::ScaleJobResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::ScaleJob::try_from(req.into_inner())?;
         let (workers, generation) = self.coordinator.scale(req)?;
+        self.coordinator.persist().await?;
         Ok(Response::new(pb::ScaleJobResponse { workers, generation }))
     }
 
     type GetLedgerStream = Pin<Box<dyn Stream<Item = Result<pb::LedgerChunk, Status>> + Send + 'static>>;
 
     async fn get_ledger(&self, req: Request<pb::GetLedgerRequest>) -> Result<Response<Self::GetLedgerStream>, Status> {
+        self.coordinator.serving()?;
         let req = domain::LedgerRef::try_from(req.into_inner())?;
         let entries = self.coordinator.ledger(&req)?;
         // Chunks of a few thousand entries keep every message far below gRPC's 4 MiB default.
@@ -115,28 +125,36 @@ impl JobService for JobApi {
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::Join::try_from(req.into_inner())?;
-        Ok(Response::new(self.coordinator.join(req)?))
+        let resp = self.coordinator.join(req)?;
+        self.coordinator.persist().await?;
+        Ok(Response::new(resp))
     }
 
     async fn rendezvous(
         &self,
         req: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::Rendezvous::try_from(req.into_inner())?;
         let resp = match self.coordinator.rendezvous(req, self.rendezvous_poll).await? {
             None => pb::RendezvousResponse { ready: false, ..Default::default() },
             Some(a) => a.into(),
         };
+        // A sealed generation is durable before any member hears of it.
+        self.coordinator.persist().await?;
         Ok(Response::new(resp))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::Heartbeat::try_from(req.into_inner())?;
         Ok(Response::new(self.coordinator.heartbeat(req)?))
     }
 
     async fn fetch_work(&self, req: Request<pb::FetchWorkRequest>) -> Result<Response<pb::FetchWorkResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::FetchWork::try_from(req.into_inner())?;
         let step = req.step;
         let mut resp: pb::FetchWorkResponse = self.coordinator.fetch_work(req)?.into();
@@ -148,21 +166,30 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::ReportStepRequest>,
     ) -> Result<Response<pb::ReportStepResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::ReportStep::try_from(req.into_inner())?;
-        Ok(Response::new(self.coordinator.report_step(req)?))
+        let resp = self.coordinator.report_step(req)?;
+        // The step this report commits is durable before the rank goes on.
+        self.coordinator.persist().await?;
+        Ok(Response::new(resp))
     }
 
     async fn report_failure(
         &self,
         req: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::ReportFailure::try_from(req.into_inner())?;
         self.coordinator.report_failure(req)?;
+        self.coordinator.persist().await?;
         Ok(Response::new(pb::ReportFailureResponse {}))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        self.coordinator.serving()?;
         let req = domain::Leave::try_from(req.into_inner())?;
-        Ok(Response::new(self.coordinator.leave(req)?))
+        let resp = self.coordinator.leave(req)?;
+        self.coordinator.persist().await?;
+        Ok(Response::new(resp))
     }
 }

@@ -7,8 +7,10 @@
 //! settle and rejoin logic runs under a paused clock in tests.
 //!
 //! Membership rules live in [`crate::membership`]; the ledger of who trained which slot in
-//! [`crate::ledger`]. The embedded default keeps this state in memory; a persistent store (etcd, for
-//! failover) plugs in at the points marked `persist`, where a change becomes visible.
+//! [`crate::ledger`]. The embedded default keeps this state in memory. With `hcmoco serve --etcd`,
+//! every change to a job's durable record bumps its version, and the service persists the changed
+//! records ([`Coordinator::persist`], one etcd transaction) before it answers the call that made
+//! the change: a reported step is committed only once it is durable.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -112,6 +114,9 @@ struct Job {
     changed: watch::Sender<u64>,
     /// Moves when a generation is sealed or opened, or the job ends: what rendezvous polls wait on.
     membership: watch::Sender<u64>,
+    /// Bumped by every change to the durable record; `persisted` is the version the store holds.
+    durable: u64,
+    persisted: u64,
 }
 
 /// One rank's report of one step.
@@ -126,12 +131,12 @@ struct Report {
 impl Job {
     fn touch(&mut self) {
         self.updated_unix_ms = unix_ms();
-        // persist: the job record changed here.
         self.changed.send_modify(|v| *v += 1);
     }
 
     fn membership_changed(&mut self) {
         self.membership.send_modify(|v| *v += 1);
+        self.durable += 1;
         self.touch();
     }
 
@@ -152,6 +157,7 @@ impl Job {
             self.events.pop_front();
         }
         self.events.push_back(e);
+        self.durable += 1;
     }
 
     /// "job X is cancelled: why" (the reason is left out when there is none).
@@ -196,6 +202,7 @@ impl Job {
         self.index.insert(w.id.clone(), i);
         self.by_addr.insert(w.collective_addr.clone(), i);
         self.workers.push(w);
+        self.durable += 1;
     }
 
     fn reindex(&mut self) {
@@ -262,6 +269,7 @@ impl Job {
         let gone: std::collections::HashSet<&WorkerId> = ids.iter().collect();
         self.workers.retain(|w| !gone.contains(&w.id));
         self.reindex();
+        self.durable += 1;
     }
 
     /// Seals the first generation when enough workers wait: at the target at once, else after the
@@ -549,7 +557,7 @@ impl Job {
             }
             self.latest = Some(latest);
             self.committed_steps += 1;
-            // persist: committed progress.
+            self.durable += 1;
         }
         if self.committed_steps >= self.config.steps && self.state == JobState::Running {
             let _ = self.set_state(JobState::Completed, "");
@@ -596,6 +604,182 @@ impl Job {
         }
     }
 
+    /// The durable record of this job.
+    fn record(&self) -> crate::record::JobRecord {
+        use crate::record::*;
+        JobRecord {
+            id: self.id.0.clone(),
+            config_toml: self.config_toml.clone(),
+            dataset_sizes: self.plan.sizes().to_vec(),
+            state: self.state.as_str().into(),
+            message: self.message.clone(),
+            target: self.target,
+            committed_steps: self.committed_steps,
+            latest_checkpoint: self.latest_checkpoint.clone(),
+            committed_checkpoint: self.committed_checkpoint.clone(),
+            skipped_samples: self.skipped_samples,
+            submitted_unix_ms: self.submitted_unix_ms,
+            workers: self
+                .workers
+                .iter()
+                .map(|w| WorkerRecord {
+                    id: w.id.0.clone(),
+                    host_id: w.host_id.clone(),
+                    collective_addr: w.collective_addr.clone(),
+                    device: w.device.clone(),
+                    reported_steps: w.reported_steps,
+                    leaving: w.leaving,
+                })
+                .collect(),
+            generation: self.generation.as_ref().map(|g| GenerationState {
+                number: g.number,
+                members: g.members.iter().map(|m| m.0.clone()).collect(),
+                bootstrap: g.bootstrap.clone(),
+                start_step: g.start_step,
+                source_rank: match &g.source {
+                    StateSource::Rank(r) => Some(*r),
+                    StateSource::Checkpoint(_) => None,
+                },
+                source_checkpoint: match &g.source {
+                    StateSource::Checkpoint(d) => Some(d.clone()),
+                    StateSource::Rank(_) => None,
+                },
+            }),
+            ledger_generations: self
+                .ledger
+                .generations
+                .iter()
+                .map(|r| LedgerGeneration {
+                    generation: r.generation,
+                    world: r.world,
+                    members: r.members.clone(),
+                    first_step: r.first_step,
+                    end_step: r.end_step,
+                })
+                .collect(),
+            ledger_skipped: self.ledger.skipped.iter().copied().collect(),
+            events: self
+                .events
+                .iter()
+                .map(|e| EventRecord {
+                    unix_ms: e.unix_ms,
+                    kind: e.kind.clone(),
+                    generation: e.generation,
+                    worker_id: e.worker_id.clone(),
+                    rank: e.rank,
+                    reason: e.reason.clone(),
+                    step: e.step,
+                })
+                .collect(),
+        }
+    }
+
+    /// A job carried on from its record by a new leader: leases are re-armed from now, and a
+    /// running job's members rendezvous again into a new generation (same members, the first
+    /// uncommitted step).
+    fn from_record(r: crate::record::JobRecord, now: Instant) -> Result<Job, String> {
+        let config = JobConfig::from_toml(&r.config_toml).map_err(|e| format!("job {}: config: {e}", r.id))?;
+        let weights: Option<Vec<f64>> = config.data.datasets.iter().map(|d| d.weight).collect();
+        let plan = DataPlan::new(config.seed, config.global_batch, r.dataset_sizes.clone(), weights.as_deref())
+            .map_err(|e| format!("job {}: plan: {e}", r.id))?;
+        let state = match r.state.as_str() {
+            "pending" => JobState::Pending,
+            "running" => JobState::Running,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            other => return Err(format!("job {}: unknown state {other:?}", r.id)),
+        };
+        let mut ledger = Ledger::default();
+        ledger.generations = r
+            .ledger_generations
+            .into_iter()
+            .map(|g| crate::ledger::GenerationRecord {
+                generation: g.generation,
+                world: g.world,
+                members: g.members,
+                first_step: g.first_step,
+                end_step: g.end_step,
+            })
+            .collect();
+        ledger.skipped = r.ledger_skipped.into_iter().collect();
+        let mut job = Job {
+            id: JobId(r.id),
+            config_toml: r.config_toml,
+            config,
+            plan,
+            state,
+            message: r.message,
+            workers: Vec::new(),
+            index: HashMap::new(),
+            by_addr: HashMap::new(),
+            waiting: 0,
+            generation: None,
+            next: None,
+            released: Vec::new(),
+            target: r.target,
+            quorum_since: None,
+            committed_steps: r.committed_steps,
+            pending_reports: BTreeMap::new(),
+            latest: None,
+            latest_checkpoint: r.latest_checkpoint,
+            committed_checkpoint: r.committed_checkpoint,
+            ledger,
+            events: r
+                .events
+                .into_iter()
+                .map(|e| pb::JobEvent {
+                    unix_ms: e.unix_ms,
+                    kind: e.kind,
+                    generation: e.generation,
+                    worker_id: e.worker_id,
+                    rank: e.rank,
+                    reason: e.reason,
+                    step: e.step,
+                })
+                .collect(),
+            skipped_samples: r.skipped_samples,
+            submitted_unix_ms: r.submitted_unix_ms,
+            updated_unix_ms: unix_ms(),
+            changed: watch::channel(0).0,
+            membership: watch::channel(0).0,
+            durable: 1,
+            persisted: 1,
+        };
+        for w in r.workers {
+            job.add_worker(Worker {
+                id: WorkerId(w.id),
+                host_id: w.host_id,
+                collective_addr: w.collective_addr,
+                device: w.device,
+                last_seen: now,
+                last_seen_unix_ms: unix_ms(),
+                offer: None,
+                reported_steps: w.reported_steps,
+                latest: None,
+                leaving: w.leaving,
+            });
+        }
+        if let Some(g) = r.generation {
+            let members: Vec<WorkerId> = g.members.into_iter().map(WorkerId).collect();
+            let hosts: Vec<&str> = members.iter().map(|m| job.worker(m).map_or("", |w| w.host_id.as_str())).collect();
+            let source = match (g.source_rank, g.source_checkpoint) {
+                (_, Some(dir)) => StateSource::Checkpoint(dir),
+                (rank, None) => StateSource::Rank(rank.unwrap_or(0)),
+            };
+            let mut generation = Generation::new(g.number, members.clone(), &hosts, g.bootstrap, g.start_step, source);
+            generation.fetched_end = job.committed_steps;
+            job.generation = Some(generation);
+        }
+        job.durable = job.persisted;
+        if job.state == JobState::Running {
+            let step = job.committed_steps;
+            job.event("takeover", None, "a new coordinator leads: every member rendezvouses again", step);
+            job.open_next(Change::Takeover, "coordinator takeover".into(), now);
+        }
+        Ok(job)
+    }
+
     /// The assignment of `id` in the latest generation.
     fn assignment(&self, id: &WorkerId) -> Option<Assignment> {
         let g = self.generation.as_ref()?;
@@ -631,10 +815,36 @@ struct Inner {
 /// one runs) and a receiver that fires when membership changes.
 type Attempt = Result<Assignment, (Option<Instant>, watch::Receiver<u64>)>;
 
+/// Whether this coordinator serves: the leader does; a standby answers `Unavailable` naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Standby { leader: String },
+}
+
 /// The coordinator: shared by every service handler.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Coordinator {
     inner: Arc<Mutex<Inner>>,
+    role: Arc<Mutex<Role>>,
+    /// Set once this coordinator leads with a durable store (`serve --etcd`).
+    store: Arc<std::sync::OnceLock<crate::store::EtcdStore>>,
+    /// Serialises writes to the store, so a newer record is never overwritten by an older one.
+    writes: Arc<tokio::sync::Mutex<()>>,
+    /// Cancelled when this coordinator stops leading (a write refused, the lease lost).
+    pub deposed: tokio_util::sync::CancellationToken,
+}
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        Coordinator {
+            inner: Arc::default(),
+            role: Arc::new(Mutex::new(Role::Leader)),
+            store: Arc::default(),
+            writes: Arc::default(),
+            deposed: tokio_util::sync::CancellationToken::new(),
+        }
+    }
 }
 
 /// How long one rendezvous long poll waits before answering `ready = false`.
@@ -648,6 +858,98 @@ impl Coordinator {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A coordinator that starts as a standby (`serve --etcd`) until it wins the election.
+    pub fn standby() -> Self {
+        let c = Self::default();
+        c.set_standby("");
+        c
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// While waiting to lead: `leader` is the current leader's address (empty when unknown).
+    pub fn set_standby(&self, leader: &str) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Standby { leader: leader.to_string() };
+    }
+
+    /// `Ok` when this coordinator serves; a standby's answer names the leader.
+    pub fn serving(&self) -> Result<(), tonic::Status> {
+        match self.role() {
+            Role::Leader => Ok(()),
+            Role::Standby { leader } if leader.is_empty() => {
+                Err(tonic::Status::unavailable("this coordinator is a standby; no leader is known yet"))
+            }
+            Role::Standby { leader } => {
+                Err(tonic::Status::unavailable(format!("this coordinator is a standby; the leader is at {leader}")))
+            }
+        }
+    }
+
+    /// Takes over as leader with `store`: every stored job is carried on (running jobs rendezvous
+    /// again into a new generation with the same members).
+    pub fn lead(&self, store: crate::store::EtcdStore, loaded: crate::store::Loaded) -> anyhow::Result<()> {
+        let now = Instant::now();
+        {
+            let mut inner = self.lock();
+            inner.next_job = inner.next_job.max(loaded.next_job);
+            inner.next_worker = inner.next_worker.max(loaded.next_worker);
+            for bytes in loaded.jobs {
+                let record: crate::record::JobRecord =
+                    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("a stored job record: {e}"))?;
+                let job = Job::from_record(record, now).map_err(|e| anyhow::anyhow!("{e}"))?;
+                for w in &job.workers {
+                    inner.worker_jobs.insert(w.id.clone(), job.id.clone());
+                }
+                tracing::info!(job = %job.id, state = %job.state, committed = job.committed_steps, "job carried on");
+                inner.jobs.insert(job.id.clone(), job);
+            }
+        }
+        let _ = self.store.set(store);
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Role::Leader;
+        Ok(())
+    }
+
+    /// Writes every job record changed since its last write (one transaction), when this coordinator
+    /// has a store. Called by the service before it answers a call that changed state.
+    pub async fn persist(&self) -> Result<(), tonic::Status> {
+        let Some(store) = self.store.get() else { return Ok(()) };
+        let _serial = self.writes.lock().await;
+        let (records, versions, counters) = {
+            let inner = self.lock();
+            let mut records = Vec::new();
+            let mut versions = Vec::new();
+            for job in inner.jobs.values().filter(|j| j.durable != j.persisted) {
+                let bytes = serde_json::to_vec(&job.record()).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                records.push((job.id.0.clone(), bytes));
+                versions.push((job.id.clone(), job.durable));
+            }
+            (records, versions, (inner.next_job, inner.next_worker))
+        };
+        if records.is_empty() {
+            return Ok(());
+        }
+        match store.put(&records, counters).await {
+            Ok(()) => {
+                let mut inner = self.lock();
+                for (id, v) in versions {
+                    if let Some(j) = inner.jobs.get_mut(&id) {
+                        j.persisted = j.persisted.max(v);
+                    }
+                }
+                Ok(())
+            }
+            Err(crate::store::StoreError::Deposed) => {
+                tracing::error!("deposed: another coordinator leads; this one stops serving");
+                self.set_standby("");
+                self.deposed.cancel();
+                Err(tonic::Status::unavailable("this coordinator was deposed; another one leads"))
+            }
+            Err(e) => Err(tonic::Status::unavailable(format!("the state store refused the write: {e}"))),
+        }
     }
 
     /// Registers a job. Reads each dataset's manifest for its sample count (the plan's input).
@@ -709,6 +1011,8 @@ impl Coordinator {
             updated_unix_ms: now,
             changed: watch::channel(0).0,
             membership: watch::channel(0).0,
+            durable: 1,
+            persisted: 0,
         };
         tracing::info!(job = %id, name = %job.config.name, steps = job.config.steps, "job submitted");
         inner.jobs.insert(id.clone(), job);
@@ -757,6 +1061,7 @@ impl Coordinator {
         }
         let before = job.target;
         job.target = req.workers;
+        job.durable += 1;
         if before != req.workers {
             let step = job.committed_steps;
             job.event("scale", None, format!("target {before} -> {}", req.workers), step);
@@ -1149,6 +1454,7 @@ impl Coordinator {
                 return Ok(pb::LeaveResponse { until_step: step });
             }
             job.worker_mut(&me)?.leaving = true;
+            job.durable += 1;
             job.event("leave", Some(&me), "leaving (SIGTERM)", step);
             let now = Instant::now();
             job.open_next(Change::Leave, format!("worker {me} is leaving"), now);
@@ -1694,7 +2000,8 @@ mod tests {
         for _ in 0..6 {
             tokio::time::advance(Duration::from_millis(500)).await;
             for w in [&a, &b] {
-                c.heartbeat(Heartbeat { call: WorkerCall { worker_id: w.clone(), generation: 1 }, step: 3 }).expect("hb");
+                c.heartbeat(Heartbeat { call: WorkerCall { worker_id: w.clone(), generation: 1 }, step: 3 })
+                    .expect("hb");
             }
             c.reap(Instant::now());
         }

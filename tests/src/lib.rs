@@ -203,6 +203,69 @@ impl Drop for WorkerProc {
     }
 }
 
+/// A free loopback port (bound then released: another process could take it in between, which the
+/// callers' start-up checks would notice).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A single-member etcd (Debian's `etcd-server`, v3 API) on free loopback ports with its own data
+/// directory; killed on drop.
+pub struct Etcd {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub endpoint: String,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("etcd data dir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "itest", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &format!("itest=http://127.0.0.1:{peer}")])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (Debian package etcd-server; scripts/setup.sh installs it)");
+        let etcd = Etcd { child, _dir: dir, endpoint };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !etcd.healthy() {
+            assert!(Instant::now() < deadline, "etcd did not become healthy within 20 s at {}", etcd.endpoint);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    /// `GET /health` answers `"health":"true"`.
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let addr = self.endpoint.trim_start_matches("http://");
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        if s.write_all(format!("GET /health HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).is_err() {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Reads a safetensors file of named tensors.
 pub fn read_tensors(path: &Path) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
     let mut v = tch::Tensor::read_safetensors(path).with_context(|| format!("read {}", path.display()))?;

@@ -267,3 +267,161 @@ fn after_every_worker_dies_a_newcomer_restores_the_committed_checkpoint() {
     let restored = end.events.iter().find(|e| e.kind == "rollback").map_or(before.committed_steps, |e| e.step);
     audit(&c, &job, &workers, &[0, 1], (before.committed_steps - restored) as usize + 1);
 }
+
+/// A coordinator process (`hcmoco serve --etcd`), killed on drop.
+struct Serve {
+    child: std::process::Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Serve {
+    fn start(etcd: &Etcd, dir: &Path, name: &str) -> Serve {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).expect("log");
+        let child = std::process::Command::new(bin("hcmoco"))
+            .args(["serve", "--listen", &addr, "--advertise", &addr, "--etcd", &etcd.endpoint])
+            .args(["--etcd-prefix", "/itest", "--election-ttl-secs", "2"])
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("hcmoco serve");
+        Serve { child, addr, log }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A JobService call to one coordinator: its answer, or its error status.
+fn job_call<T>(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    f: impl AsyncFnOnce(
+        pb::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    ) -> Result<tonic::Response<T>, tonic::Status>,
+) -> Result<T, tonic::Status> {
+    rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| tonic::Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        f(pb::job_service_client::JobServiceClient::new(channel)).await.map(tonic::Response::into_inner)
+    })
+}
+
+fn job_status(rt: &tokio::runtime::Runtime, addr: &str, job: &str) -> Result<pb::JobStatus, tonic::Status> {
+    job_call(rt, addr, async |mut c| c.get_job(pb::GetJobRequest { job_id: job.into() }).await)
+}
+
+/// Two coordinators on one etcd: the standby answers `Unavailable` naming the leader; kill -9 of the
+/// leader mid-run: the standby takes over, the workers (`--coordinator A,B`) follow it, nothing
+/// committed is lost, and the job completes.
+#[test]
+fn the_standby_takes_over_when_the_leader_dies_and_nothing_committed_is_lost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 24, 32, 8);
+    let etcd = Etcd::start();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut a = Serve::start(&etcd, tmp.path(), "coordinator-a");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while job_call(&rt, &a.addr, async |mut c| c.list_jobs(pb::ListJobsRequest {}).await).is_err() {
+        assert!(std::time::Instant::now() < deadline, "a never led:\n{}", a.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b = Serve::start(&etcd, tmp.path(), "coordinator-b");
+    // The standby refuses, naming the leader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        match job_call(&rt, &b.addr, async |mut c| c.list_jobs(pb::ListJobsRequest {}).await) {
+            Err(s) if s.message().contains("standby") => break s,
+            other => {
+                assert!(std::time::Instant::now() < deadline, "b: {other:?}\n{}", b.log_text());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(refused.message().contains(&a.addr), "names the leader: {}", refused.message());
+
+    let mut cfg = elastic_job(&manifest, tmp.path(), 2, 2, 150);
+    cfg.heartbeat.timeout_ms = 10_000;
+    let job =
+        job_call(&rt, &a.addr, async |mut c| c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml() }).await)
+            .expect("submitted")
+            .job_id;
+    let both = format!("{},{}", a.addr, b.addr);
+    let mut workers: Vec<WorkerProc> = (0..2)
+        .map(|i| {
+            let log = tmp.path().join(format!("w{i}.log"));
+            let file = std::fs::File::create(&log).expect("log");
+            let child = std::process::Command::new(bin("hcmoco-worker"))
+                .args(["run", "--coordinator", &both, "--job", &job, "--host-id", "itest"])
+                .env("OMP_NUM_THREADS", "1")
+                .stdin(std::process::Stdio::null())
+                .stdout(file.try_clone().expect("log"))
+                .stderr(file)
+                .spawn()
+                .expect("worker");
+            WorkerProc { child, log }
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + LIMIT;
+    let before = loop {
+        let s = job_status(&rt, &a.addr, &job).expect("the leader answers");
+        if s.committed_steps >= 20 {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    a.child.kill().expect("kill -9 the leader");
+    let _ = a.child.wait();
+    let killed_at = std::time::Instant::now();
+    // The standby takes over within the election TTL and carries the job on from what was committed.
+    let taken = loop {
+        match job_status(&rt, &b.addr, &job) {
+            Ok(s) => break s,
+            Err(_) => {
+                assert!(killed_at.elapsed() < Duration::from_secs(30), "no takeover:\n{}", b.log_text());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let takeover_secs = killed_at.elapsed().as_secs_f64();
+    assert!(
+        taken.committed_steps >= before.committed_steps,
+        "committed {} after {}",
+        taken.committed_steps,
+        before.committed_steps
+    );
+    let end = loop {
+        let s = job_status(&rt, &b.addr, &job).expect("the new leader answers");
+        if is_terminal(&s) {
+            break s;
+        }
+        assert!(killed_at.elapsed() < LIMIT, "not done: {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(state_of(&end), pb::JobState::Completed, "{}\n{}", end.message, b.log_text());
+    assert_eq!(end.committed_steps, 150);
+    assert!(end.events.iter().any(|e| e.kind == "takeover"), "{:?}", end.events);
+    assert!(end.generation > before.generation, "a new generation after the takeover");
+    for w in &mut workers {
+        let code = w.wait(Duration::from_secs(60)).expect("exits");
+        assert!(code.success(), "{}", w.log_text());
+    }
+    eprintln!("takeover answered {takeover_secs:.2}s after the kill");
+}

@@ -102,54 +102,105 @@ pub struct RunSummary {
 /// Upper bound of any single call to the coordinator.
 const RPC_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Connects and joins, retrying transport failures with backoff until `timeout`.
-async fn connect_and_join(
-    opts: &RunOptions,
-    collective_addr: &str,
-) -> anyhow::Result<(WorkerServiceClient<Channel>, pb::JoinResponse)> {
-    let endpoint = Endpoint::from_shared(hcmoco_proto::endpoint_uri(&opts.coordinator))
-        .with_context(|| format!("bad coordinator address {:?}", opts.coordinator))?;
-    // Every call is bounded (the longest, a rendezvous long poll, answers within ~10 s), so a
-    // black-holed coordinator cannot hang the training thread.
-    let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).timeout(RPC_TIMEOUT).tcp_nodelay(true);
-    let deadline = Instant::now() + opts.connect_timeout;
-    let mut backoff = Duration::from_millis(100);
-    let mut attempts = 0u32;
-    loop {
-        attempts += 1;
-        let last_error = match endpoint.connect().await {
-            Ok(channel) => {
-                let mut client = WorkerServiceClient::new(channel);
-                let req = pb::JoinRequest {
-                    job_id: opts.job.clone().unwrap_or_default(),
-                    host_id: opts.host_id.clone(),
-                    collective_addr: collective_addr.to_string(),
-                    device: "cpu".into(),
-                    pid: std::process::id(),
-                };
-                match client.join(req).await {
-                    Ok(resp) => return Ok((client, resp.into_inner())),
-                    Err(s) if s.code() == tonic::Code::Unavailable => s.message().to_string(),
-                    Err(s) => bail!(
-                        "the coordinator at {} refused to let this worker join: {}",
-                        opts.coordinator,
-                        s.message()
-                    ),
+/// The coordinators a worker may call (`--coordinator A,B`): the leader answers; a standby answers
+/// `Unavailable` naming the leader, and a dead one does not answer, so the worker moves to the next
+/// address. Channels connect lazily; `current` is the one that answered last.
+struct Coordinators {
+    addrs: Vec<String>,
+    clients: Vec<WorkerServiceClient<Channel>>,
+    current: std::sync::atomic::AtomicUsize,
+}
+
+impl Coordinators {
+    fn new(list: &str) -> anyhow::Result<Coordinators> {
+        let addrs: Vec<String> = list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
+        anyhow::ensure!(!addrs.is_empty(), "--coordinator: no address given");
+        let mut clients = Vec::new();
+        for a in &addrs {
+            let endpoint = Endpoint::from_shared(hcmoco_proto::endpoint_uri(a))
+                .with_context(|| format!("bad coordinator address {a:?}"))?;
+            // Every call is bounded (the longest, a rendezvous long poll, answers within ~10 s), so a
+            // black-holed coordinator cannot hang the training thread.
+            let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).timeout(RPC_TIMEOUT).tcp_nodelay(true);
+            clients.push(WorkerServiceClient::new(endpoint.connect_lazy()));
+        }
+        Ok(Coordinators { addrs, clients, current: Default::default() })
+    }
+
+    fn client(&self) -> (usize, WorkerServiceClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (i, self.clients[i].clone())
+    }
+
+    /// Moves on from `from` (unless another caller already did).
+    fn rotate(&self, from: usize) {
+        let _ =
+            self.current.compare_exchange(from, (from + 1) % self.clients.len(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    fn names(&self) -> String {
+        self.addrs.join(",")
+    }
+
+    /// Calls the current coordinator, moving on to the next address on `Unavailable` (a standby, a
+    /// dead or restarting one) for up to `patience`.
+    async fn call<T>(
+        &self,
+        patience: Duration,
+        f: &impl AsyncFn(WorkerServiceClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        let deadline = Instant::now() + patience;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let (i, c) = self.client();
+            match f(c).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                    tracing::debug!(coordinator = %self.addrs[i], error = %s.message(), "trying the next coordinator");
+                    self.rotate(i);
+                    if (i + 1) % self.clients.len() == 0 {
+                        // A round of every address: wait a little before the next.
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+                Err(s) => {
+                    let msg = format!("{} (coordinator {})", s.message(), self.addrs[i]);
+                    return Err(tonic::Status::with_metadata(s.code(), msg, s.metadata().clone()));
                 }
             }
-            Err(e) => format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default()),
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            bail!(
-                "could not reach the coordinator at {} within {:.0?} ({attempts} attempts); last error: {last_error}",
-                opts.coordinator,
-                opts.connect_timeout
-            );
         }
-        tracing::debug!(attempts, error = %last_error, "coordinator not reachable yet, retrying");
-        tokio::time::sleep(backoff.min(deadline - now)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Connects and joins, retrying unreachable coordinators with backoff until `timeout`.
+async fn connect_and_join(
+    opts: &RunOptions,
+    coordinators: &Coordinators,
+    collective_addr: &str,
+) -> anyhow::Result<pb::JoinResponse> {
+    let req = pb::JoinRequest {
+        job_id: opts.job.clone().unwrap_or_default(),
+        host_id: opts.host_id.clone(),
+        collective_addr: collective_addr.to_string(),
+        device: "cpu".into(),
+        pid: std::process::id(),
+    };
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let join = async |mut c: WorkerServiceClient<Channel>| {
+        attempts.fetch_add(1, Ordering::Relaxed);
+        c.join(req.clone()).await
+    };
+    match coordinators.call(opts.connect_timeout, &join).await {
+        Ok(resp) => Ok(resp),
+        Err(s) if s.code() == tonic::Code::Unavailable => bail!(
+            "could not reach the coordinator at {} within {:.0?} ({} attempts); last error: {}",
+            coordinators.names(),
+            opts.connect_timeout,
+            attempts.load(Ordering::Relaxed),
+            s.message()
+        ),
+        Err(s) => bail!("the coordinator at {} refused to let this worker join: {}", coordinators.names(), s.message()),
     }
 }
 
@@ -216,7 +267,7 @@ impl Control {
 
 fn spawn_heartbeats(
     rt: &Runtime,
-    mut client: WorkerServiceClient<Channel>,
+    coordinators: Arc<Coordinators>,
     worker_id: String,
     interval: Duration,
     silence_limit: Duration,
@@ -233,6 +284,7 @@ fn spawn_heartbeats(
                 generation: control.generation.load(Ordering::SeqCst),
                 step: control.step.load(Ordering::Relaxed),
             };
+            let (at, mut client) = coordinators.client();
             let error = match tokio::time::timeout(call_limit, client.heartbeat(req)).await {
                 Ok(Ok(r)) => {
                     last_ok = Instant::now();
@@ -249,9 +301,15 @@ fn spawn_heartbeats(
                         control.stop(format!("the coordinator no longer knows this worker: {message}"));
                         return;
                     }
-                    other => other.to_string(),
+                    other => {
+                        coordinators.rotate(at);
+                        other.to_string()
+                    }
                 },
-                Err(_) => format!("no answer within {call_limit:.0?}"),
+                Err(_) => {
+                    coordinators.rotate(at);
+                    format!("no answer within {call_limit:.0?}")
+                }
             };
             if last_ok.elapsed() > silence_limit {
                 control.stop(format!("lost contact with the coordinator for {:.0?}: {error}", last_ok.elapsed()));
@@ -297,7 +355,11 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
         None => local.to_string(),
     };
 
-    let (client, joined) = rt.block_on(connect_and_join(&opts, &collective_addr))?;
+    let coordinators = Arc::new({
+        let _guard = rt.enter();
+        Coordinators::new(&opts.coordinator)?
+    });
+    let joined = rt.block_on(connect_and_join(&opts, &coordinators, &collective_addr))?;
     let config = JobConfig::from_toml(&joined.job_config_toml)
         .context("the coordinator sent a job config this worker cannot read")?;
     tracing::info!(job = %joined.job_id, worker = %joined.worker_id, "joined");
@@ -306,7 +368,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     let control = Arc::new(Control::default());
     spawn_heartbeats(
         &rt,
-        client.clone(),
+        coordinators.clone(),
         joined.worker_id.clone(),
         Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(1))),
         Duration::from_millis(config.heartbeat.timeout_ms),
@@ -326,7 +388,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     };
     let ctx = Ctx {
         handle: rt.handle().clone(),
-        client: client.clone(),
+        coordinators: coordinators.clone(),
         worker_id: joined.worker_id.clone(),
         job_id: joined.job_id.clone(),
         config,
@@ -352,7 +414,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     if let Err(e) = &result {
         // Best effort: tell the coordinator, so the job's status names the failure. The job fails
         // only for a fatal error; otherwise the others go on without this worker.
-        report_failure(&rt, &client, &joined.worker_id, &control, e, is_fatal(e));
+        report_failure(&rt, &coordinators, &joined.worker_id, &control, e, is_fatal(e));
     }
     rt.shutdown_timeout(Duration::from_secs(1));
     result
@@ -360,7 +422,7 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
 
 fn report_failure(
     rt: &Runtime,
-    client: &WorkerServiceClient<Channel>,
+    coordinators: &Coordinators,
     worker_id: &str,
     control: &Control,
     e: &anyhow::Error,
@@ -378,14 +440,16 @@ fn report_failure(
             .map_or(-1, |r| r as i32),
         fatal,
     };
-    let mut c = client.clone();
-    let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), c.report_failure(req)).await });
+    let call = async |mut c: WorkerServiceClient<Channel>| c.report_failure(req.clone()).await;
+    let _ = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(3), coordinators.call(Duration::from_secs(3), &call)).await
+    });
 }
 
 /// What the training thread works with.
 struct Ctx {
     handle: Handle,
-    client: WorkerServiceClient<Channel>,
+    coordinators: Arc<Coordinators>,
     worker_id: String,
     job_id: String,
     config: JobConfig,
@@ -406,13 +470,15 @@ struct CallFailed {
 }
 
 impl Ctx {
+    /// Calls the coordinator; an unreachable one (or a standby) is retried at the next address for up
+    /// to `heartbeat.timeout_ms` (a failover).
     fn call<T>(
         &self,
         what: &'static str,
-        f: impl AsyncFnOnce(WorkerServiceClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>,
+        f: impl AsyncFn(WorkerServiceClient<Channel>) -> Result<tonic::Response<T>, tonic::Status>,
     ) -> Result<T, CallFailed> {
-        let client = self.client.clone();
-        self.handle.block_on(f(client)).map(tonic::Response::into_inner).map_err(|s| {
+        let patience = Duration::from_millis(self.config.heartbeat.timeout_ms);
+        self.handle.block_on(self.coordinators.call(patience, &f)).map_err(|s| {
             let error = match CallError::from_status(&s) {
                 CallError::Other { code, message } if code != tonic::Code::Unavailable => {
                     CallError::Other { code, message: format!("refused by the coordinator: {message}") }
@@ -519,7 +585,13 @@ fn lifecycle(ctx: &Ctx, listener: TcpListener) -> anyhow::Result<RunSummary> {
             }
         );
         if setup.is_none() {
-            setup = Some(Setup::new(ctx, &m)?);
+            // The first generation's members all build the same job: a failure there is the job's
+            // (a bad init checkpoint, a missing dataset) and fails it. A later joiner's failure is
+            // its own host's: the others go on without it.
+            setup =
+                Some(Setup::new(ctx, &m).map_err(|e| {
+                    if m.generation == 1 { e.context(Fatal("cannot set up the job".into())) } else { e }
+                })?);
         }
         let s = setup.as_mut().expect("built above");
         let ended = s.session(ctx, &listener, &m, &mut has_state);
@@ -555,7 +627,7 @@ fn lifecycle(ctx: &Ctx, listener: TcpListener) -> anyhow::Result<RunSummary> {
                             .map_or(-1, |r| r as i32),
                         fatal: false,
                     };
-                    let _ = ctx.call("report failure", async |mut c| c.report_failure(rt_report).await);
+                    let _ = ctx.call("report failure", async |mut c| c.report_failure(rt_report.clone()).await);
                 }
             }
             Err(e) => return Err(e),
@@ -587,7 +659,7 @@ fn rendezvous(ctx: &Ctx, held: Option<HeldState>) -> anyhow::Result<Assignment> 
         }
         if ctx.control.leave.load(Ordering::SeqCst) {
             let req = pb::LeaveRequest { worker_id: ctx.worker_id.clone(), generation: ctx.generation() };
-            let _ = ctx.call("leave", async |mut c| c.leave(req).await);
+            let _ = ctx.call("leave", async |mut c| c.leave(req.clone()).await);
             return Ok(Assignment::Released { generation: ctx.generation() });
         }
         let req = pb::RendezvousRequest {
@@ -598,7 +670,7 @@ fn rendezvous(ctx: &Ctx, held: Option<HeldState>) -> anyhow::Result<Assignment> 
             has_state: held.is_some(),
             can_undo: held.is_some_and(|h| h.can_undo),
         };
-        let resp = match ctx.call("rendezvous", async |mut c| c.rendezvous(req).await) {
+        let resp = match ctx.call("rendezvous", async |mut c| c.rendezvous(req.clone()).await) {
             Ok(r) => r,
             Err(CallFailed { error: CallError::JobEnded { state, message }, .. }) if state == "completed" => {
                 eprintln!("{message}");
@@ -881,7 +953,7 @@ impl Setup {
             }
             if until.is_none() && ctx.control.leave.load(Ordering::SeqCst) {
                 let req = pb::LeaveRequest { worker_id: ctx.worker_id.clone(), generation };
-                let resp = ctx.call("leave", async |mut c| c.leave(req).await)?;
+                let resp = ctx.call("leave", async |mut c| c.leave(req.clone()).await)?;
                 eprintln!("rank {rank}: leaving after step {}", resp.until_step);
                 until = Some(resp.until_step);
             }
@@ -1029,7 +1101,7 @@ impl Setup {
                 local_slot_end: work.local_slots.end,
                 skipped_slots,
             };
-            ctx.call("report step", async |mut c| c.report_step(report).await)?;
+            ctx.call("report step", async |mut c| c.report_step(report.clone()).await)?;
             step += 1;
         }
     }
