@@ -145,3 +145,60 @@ pub async fn heartbeats(workers: u32, connections: usize, secs: f64) -> anyhow::
     b.shutdown.cancel();
     Ok((n as f64 / wall, cpu / wall))
 }
+
+/// Latency of the coordinator's durable write as a commit makes it: one etcd transaction (guarded
+/// by the leader key) holding the record of a job with `workers` workers. Returns the sorted
+/// latencies in milliseconds and the record's size in bytes.
+pub async fn etcd_writes(endpoints: &[String], workers: u32, writes: usize) -> anyhow::Result<(Vec<f64>, usize)> {
+    use crate::record::*;
+    let client = crate::store::connect(endpoints).await?;
+    let prefix = format!("/hcmoco-bench-{}", std::process::id());
+    let deposed = CancellationToken::new();
+    let store = crate::store::campaign(client, &prefix, "bench", 10, deposed, |_| {}).await?;
+    let mut record = JobRecord {
+        id: "job-1".into(),
+        config_toml: JobConfig::default().to_toml(),
+        dataset_sizes: vec![1_000_000],
+        state: "running".into(),
+        message: String::new(),
+        target: workers,
+        committed_steps: 0,
+        latest_checkpoint: String::new(),
+        committed_checkpoint: None,
+        skipped_samples: 0,
+        submitted_unix_ms: 0,
+        workers: (0..workers)
+            .map(|i| WorkerRecord {
+                id: format!("w-{i}"),
+                host_id: format!("node-{}", i / 8),
+                collective_addr: format!("10.0.{}.{}:7000", i / 256, i % 256),
+                device: format!("cuda:{}", i % 8),
+                reported_steps: 0,
+                leaving: false,
+            })
+            .collect(),
+        generation: Some(GenerationState {
+            number: 1,
+            members: (0..workers).map(|i| format!("w-{i}")).collect(),
+            bootstrap: vec![0; 128],
+            start_step: 0,
+            source_rank: Some(0),
+            source_checkpoint: None,
+        }),
+        ledger_generations: Vec::new(),
+        ledger_skipped: Vec::new(),
+        events: Vec::new(),
+    };
+    let mut times = Vec::with_capacity(writes);
+    let mut size = 0;
+    for step in 0..writes as u64 {
+        record.committed_steps = step + 1;
+        let bytes = serde_json::to_vec(&record)?;
+        size = bytes.len();
+        let t = Instant::now();
+        store.put(&[("job-1".into(), bytes)], (1, u64::from(workers))).await?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times, size))
+}

@@ -141,6 +141,16 @@ enum BenchCmd {
         #[arg(long, default_value_t = 16)]
         connections: usize,
     },
+    /// The durable write a commit makes under `serve --etcd`: latency of K writes of a job record
+    /// with N workers.
+    EtcdWrites {
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        #[arg(long, default_value_t = 8)]
+        workers: u32,
+        #[arg(long, default_value_t = 200)]
+        writes: usize,
+    },
     /// N joined workers heartbeat back to back: heartbeats answered per second, CPU used.
     Heartbeats {
         #[arg(long)]
@@ -274,6 +284,18 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 let (secs, bytes) = hcmoco_coordinator::bench::rendezvous(workers, connections).await?;
                 println!(
                     "rendezvous workers={workers} connections={connections} secs={secs:.3} largest_assignment_bytes={bytes}"
+                );
+                Ok(())
+            }
+            BenchCmd::EtcdWrites { etcd, workers, writes } => {
+                let (t, size) = hcmoco_coordinator::bench::etcd_writes(&etcd, workers, writes).await?;
+                let q = |p: f64| t[((t.len() - 1) as f64 * p) as usize];
+                println!(
+                    "etcd_writes workers={workers} record_bytes={size} writes={writes} median_ms={:.2} p90_ms={:.2} min_ms={:.2} max_ms={:.2}",
+                    q(0.5),
+                    q(0.9),
+                    q(0.0),
+                    q(1.0)
                 );
                 Ok(())
             }

@@ -1368,6 +1368,11 @@ impl Coordinator {
             }
             let rank = job.member_rank(&req.call)?;
             let step = req.metrics.step;
+            let generation_start = job.generation.as_ref().map_or(0, |g| g.start_step);
+            if step < job.committed_steps && step >= generation_start {
+                // A repeat (the first answer was lost with a connection): the step is committed.
+                return Ok(pb::ReportStepResponse { committed_steps: job.committed_steps });
+            }
             if step < job.committed_steps || step >= job.committed_steps + MAX_INFLIGHT_STEPS {
                 return Err(CoordError::Precondition(format!(
                     "report of step {step} out of order: {} steps are committed",

@@ -124,6 +124,7 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
         }
     };
     let mut times = Vec::with_capacity(spec.iters);
+    let mut undo = Vec::with_capacity(spec.iters);
     for i in 0..spec.warmup + spec.iters {
         sync();
         let t = Instant::now();
@@ -131,14 +132,22 @@ pub fn run(spec: &StepBenchSpec) -> anyhow::Result<()> {
         sync();
         let ms = t.elapsed().as_secs_f64() * 1e3;
         if i >= spec.warmup {
-            println!("step={} ms={ms:.2} loss={:.4}", i - spec.warmup, out.total);
+            println!(
+                "step={} ms={ms:.2} loss={:.4} undo_ms={:.3}",
+                i - spec.warmup,
+                out.total,
+                out.undo.as_secs_f64() * 1e3
+            );
             times.push(ms);
+            undo.push(out.undo.as_secs_f64() * 1e3);
         }
     }
     times.sort_by(f64::total_cmp);
+    undo.sort_by(f64::total_cmp);
     let median = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let undo_median = undo.get(undo.len() / 2).copied().unwrap_or(f64::NAN);
     println!(
-        "impl=hcmoco backbone={} batch={} image={} stage={} variant={} threads={} device={:?} autocast={} median_ms={median:.2} samples_per_s={:.1}",
+        "impl=hcmoco backbone={} batch={} image={} stage={} variant={} threads={} device={:?} autocast={} median_ms={median:.2} samples_per_s={:.1} undo_median_ms={undo_median:.3}",
         spec.backbone,
         spec.batch,
         spec.image,

@@ -142,8 +142,9 @@ impl Coordinators {
         self.addrs.join(",")
     }
 
-    /// Calls the current coordinator, moving on to the next address on `Unavailable` (a standby, a
-    /// dead or restarting one) for up to `patience`.
+    /// Calls the current coordinator, moving on to the next address when it is unavailable (a
+    /// standby, a dead or restarting one) for up to `patience`. Calls are safe to repeat: the
+    /// coordinator answers a repeated report of a committed step as it answered the first.
     async fn call<T>(
         &self,
         patience: Duration,
@@ -155,7 +156,18 @@ impl Coordinators {
             let (i, c) = self.client();
             match f(c).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                // Unavailable: a standby, or nobody listening. Unknown / Cancelled / DeadlineExceeded:
+                // the connection broke under the call (the coordinator died mid-call). The
+                // coordinator's own refusals use other codes and are not retried.
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::DeadlineExceeded
+                    ) && Instant::now() < deadline =>
+                {
                     tracing::debug!(coordinator = %self.addrs[i], error = %s.message(), "trying the next coordinator");
                     self.rotate(i);
                     if (i + 1) % self.clients.len() == 0 {
@@ -904,6 +916,7 @@ impl Setup {
         if ctx.control.regenerate() {
             return Ok(SessionEnd::NewGeneration("a newer generation was announced while forming this one".into()));
         }
+        let sync_started = Instant::now();
         match &m.source {
             StateSource::Rank(root) => {
                 // Only the source's state is known good until the broadcast completes.
@@ -927,7 +940,11 @@ impl Setup {
             );
         }
         *has_state = true;
-        eprintln!("rank {rank}: ring formed, state synchronised at step {}", m.start_step);
+        eprintln!(
+            "rank {rank}: ring formed, state synchronised at step {} in {:.1} ms",
+            m.start_step,
+            sync_started.elapsed().as_secs_f64() * 1e3
+        );
 
         let generation = m.generation;
         let fetch = |step: u64| -> anyhow::Result<Work> {

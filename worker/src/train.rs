@@ -132,6 +132,8 @@ pub struct StepOutcome {
     pub total: f64,
     pub compute: Duration,
     pub comm: Duration,
+    /// Of `compute`: recording the step's undo (copies of parameters, momentum and bank rows).
+    pub undo: Duration,
 }
 
 /// Why a step failed.
@@ -333,8 +335,9 @@ impl Trainer {
     }
 
     /// Applies a step whose collectives have all completed: records the undo, then updates. Nothing
-    /// here talks to other ranks or can fail on their account.
-    fn commit(&mut self, pre: (Tensor, Tensor), update: Update) {
+    /// here talks to other ranks or can fail on their account. Returns the time the undo record took.
+    fn commit(&mut self, pre: (Tensor, Tensor), update: Update) -> Duration {
+        let t = Instant::now();
         let _guard = tch::no_grad_guard();
         let dev = self.model.vs.device();
         let bank_rows = match &self.banks {
@@ -360,6 +363,11 @@ impl Trainer {
             buffers_int: pre.1,
             bank_rows,
         });
+        if let Device::Cuda(i) = dev {
+            // Timed as the device sees it (the copies are asynchronous there).
+            tch::Cuda::synchronize(i as i64);
+        }
+        let undo = t.elapsed();
         if let Some(g) = &update.grad {
             self.opt.step(g, update.lr);
         }
@@ -372,6 +380,7 @@ impl Trainer {
             }
         }
         self.applied_steps += 1;
+        undo
     }
 
     /// The source rank's whole training state everywhere: parameters, momentum, buffers and memory
@@ -475,8 +484,11 @@ impl Trainer {
     ) -> Result<StepOutcome, StepError> {
         let pre = self.snapshot_buffers();
         match self.prepare(comm, batch, expected, lr) {
-            Ok((outcome, update)) => {
-                self.commit(pre, update);
+            Ok((mut outcome, update)) => {
+                let t = Instant::now();
+                outcome.undo = self.commit(pre, update);
+                // The commit is compute (the update) plus the undo record.
+                outcome.compute += t.elapsed();
                 Ok(outcome)
             }
             Err(e) => {
@@ -568,8 +580,13 @@ impl Trainer {
             // the same empty gather and leave the step together, without an update.
             let terms = vec![0.0; self.objective.term_names().len()];
             let elapsed = started.elapsed();
-            let outcome =
-                StepOutcome { terms, total: 0.0, compute: elapsed.saturating_sub(clock.comm), comm: clock.comm };
+            let outcome = StepOutcome {
+                terms,
+                total: 0.0,
+                compute: elapsed.saturating_sub(clock.comm),
+                comm: clock.comm,
+                undo: Duration::ZERO,
+            };
             return Ok((outcome, Update { grad: None, lr, staged: None, banks: Vec::new() }));
         }
         let local_range = offset..offset + batch.len();
@@ -746,7 +763,13 @@ impl Trainer {
             }
         }
         let elapsed = started.elapsed();
-        let outcome = StepOutcome { terms, total, compute: elapsed.saturating_sub(clock.comm), comm: clock.comm };
+        let outcome = StepOutcome {
+            terms,
+            total,
+            compute: elapsed.saturating_sub(clock.comm),
+            comm: clock.comm,
+            undo: Duration::ZERO,
+        };
         Ok((outcome, Update { grad: Some(reduced), lr, staged: Some(staged), banks: bank_updates }))
     }
 
