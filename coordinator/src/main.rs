@@ -48,6 +48,10 @@ enum Cmd {
     /// Submit a job file (TOML) and print the job id.
     Submit {
         job_file: PathBuf,
+        /// Start from this checkpoint (a `step-N` directory, or a directory with `latest`): its
+        /// step, model, momentum, buffers and memory banks.
+        #[arg(long)]
+        resume: Option<PathBuf>,
         #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
         coordinator: String,
     },
@@ -66,6 +70,16 @@ enum Cmd {
         job: String,
         #[arg(long, default_value = "cancelled from the command line")]
         reason: String,
+        #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
+        coordinator: String,
+    },
+    /// Ask rank 0 to write a checkpoint at the next step boundary; with --wait, print it once the
+    /// step it follows is committed.
+    Checkpoint {
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        wait: bool,
         #[arg(long, env = "HCMOCO_COORDINATOR", default_value = DEFAULT_ADDR)]
         coordinator: String,
     },
@@ -240,11 +254,28 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             });
             server::run(listener, Coordinator::new(), shutdown).await
         }
-        Cmd::Submit { job_file, coordinator } => {
+        Cmd::Submit { job_file, resume, coordinator } => {
             let cfg = client::load_job_file(&job_file)?;
+            let resume = match resume {
+                None => String::new(),
+                Some(dir) => {
+                    let dir = std::path::absolute(&dir).unwrap_or(dir);
+                    let dir = if dir.join("meta.json").is_file() {
+                        dir
+                    } else {
+                        let latest = std::fs::read_to_string(dir.join("latest")).with_context(|| {
+                            format!("--resume {}: neither a checkpoint nor holds a `latest` one", dir.display())
+                        })?;
+                        dir.join(latest.trim())
+                    };
+                    dir.display().to_string()
+                }
+            };
             let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
-            let resp =
-                c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml() }).await.context("submit refused")?;
+            let resp = c
+                .submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml(), resume_checkpoint: resume })
+                .await
+                .context("submit refused")?;
             println!("{}", resp.into_inner().job_id);
             Ok(())
         }
@@ -307,6 +338,37 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Cmd::Checkpoint { job, wait, coordinator } => {
+            let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
+            let steps = c
+                .checkpoint_job(pb::CheckpointJobRequest { job_id: job.clone() })
+                .await
+                .map_err(|s| anyhow::anyhow!("checkpoint refused: {}", s.message()))?
+                .into_inner()
+                .steps;
+            let name = format!("step-{steps:08}");
+            if !wait {
+                println!("{job}: rank 0 writes {name} after step {}", steps.saturating_sub(1));
+                return Ok(());
+            }
+            loop {
+                let s = c.get_job(pb::GetJobRequest { job_id: job.clone() }).await?.into_inner();
+                if s.latest_checkpoint.ends_with(&name) {
+                    println!("{}", s.latest_checkpoint);
+                    return Ok(());
+                }
+                if matches!(
+                    pb::JobState::try_from(s.state),
+                    Ok(pb::JobState::Failed | pb::JobState::Cancelled | pb::JobState::Completed)
+                ) {
+                    anyhow::bail!(
+                        "job {job} ended ({}) before {name} was committed",
+                        hcmoco_coordinator::job::wire_state_name(s.state)
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         Cmd::Scale { job, workers, coordinator } => {
             let mut c = JobServiceClient::new(client::connect(&coordinator).await?);
             let r = c

@@ -42,7 +42,10 @@ impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         self.coordinator.serving()?;
         let req = domain::SubmitJob::try_from(req.into_inner())?;
-        let id = self.coordinator.submit(req.config)?;
+        let id = match &req.resume {
+            None => self.coordinator.submit(req.config)?,
+            Some(dir) => self.coordinator.submit_resumed(req.config, dir)?,
+        };
         self.coordinator.persist().await?;
         Ok(Response::new(pb::SubmitJobResponse { job_id: id.0 }))
     }
@@ -107,6 +110,17 @@ impl JobService for JobApi {
         let (workers, generation) = self.coordinator.scale(req)?;
         self.coordinator.persist().await?;
         Ok(Response::new(pb::ScaleJobResponse { workers, generation }))
+    }
+
+    async fn checkpoint_job(
+        &self,
+        req: Request<pb::CheckpointJobRequest>,
+    ) -> Result<Response<pb::CheckpointJobResponse>, Status> {
+        self.coordinator.serving()?;
+        let req = domain::JobRef::try_from(req.into_inner())?;
+        let steps = self.coordinator.request_checkpoint(&req.job_id)?;
+        self.coordinator.persist().await?;
+        Ok(Response::new(pb::CheckpointJobResponse { steps }))
     }
 
     type GetLedgerStream = Pin<Box<dyn Stream<Item = Result<pb::LedgerChunk, Status>> + Send + 'static>>;

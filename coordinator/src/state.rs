@@ -105,6 +105,8 @@ struct Job {
     latest_checkpoint: String,
     /// The newest checkpoint whose step is committed: (steps it holds, directory).
     committed_checkpoint: Option<(u64, String)>,
+    /// On demand (CheckpointJob): rank 0 writes a checkpoint after this step.
+    checkpoint_after: Option<u64>,
     ledger: Ledger,
     events: VecDeque<pb::JobEvent>,
     /// Samples skipped under `data.on_error = "skip"`, all ranks and steps.
@@ -292,7 +294,9 @@ impl Job {
         }
         let chosen: Vec<usize> =
             (0..self.workers.len()).filter(|&i| self.workers[i].offer.is_some()).take(self.target as usize).collect();
-        self.seal(chosen, 0, None);
+        // A resumed job starts from its checkpoint; a fresh one from rank 0's new model.
+        let source = self.committed_checkpoint.clone().map(|(_, dir)| StateSource::Checkpoint(dir));
+        self.seal(chosen, self.committed_steps, source);
         // Pending -> Running is always legal here (checked state above).
         let _ = self.set_state(JobState::Running, "");
         None
@@ -554,6 +558,9 @@ impl Job {
             if let Some(dir) = reports.values().find_map(|r| r.checkpoint.clone()) {
                 self.latest_checkpoint = dir.clone();
                 self.committed_checkpoint = Some((step + 1, dir));
+                if self.checkpoint_after.is_some_and(|s| s <= step) {
+                    self.checkpoint_after = None;
+                }
             }
             self.latest = Some(latest);
             self.committed_steps += 1;
@@ -724,6 +731,7 @@ impl Job {
             latest: None,
             latest_checkpoint: r.latest_checkpoint,
             committed_checkpoint: r.committed_checkpoint,
+            checkpoint_after: None,
             ledger,
             events: r
                 .events
@@ -1004,6 +1012,7 @@ impl Coordinator {
             latest: None,
             latest_checkpoint: String::new(),
             committed_checkpoint: None,
+            checkpoint_after: None,
             ledger: Ledger::default(),
             events: VecDeque::new(),
             skipped_samples: 0,
@@ -1017,6 +1026,53 @@ impl Coordinator {
         tracing::info!(job = %id, name = %job.config.name, steps = job.config.steps, "job submitted");
         inner.jobs.insert(id.clone(), job);
         Ok(id)
+    }
+
+    /// Registers a job that starts from a checkpoint directory (`step-N`, written by rank 0): the job
+    /// begins at its step, and the first generation restores it (the workers check that its tensors
+    /// fit the job's model, naming any that do not).
+    pub fn submit_resumed(&self, config: JobConfig, dir: &str) -> Result<JobId, CoordError> {
+        let field = |reason: String| domain::FieldError::new("resume_checkpoint", reason);
+        let meta_path = Path::new(dir).join("meta.json");
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|e| field(format!("cannot read {}: {e}", meta_path.display())))?;
+        let meta: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| field(format!("{}: {e}", meta_path.display())))?;
+        if !meta["format"].as_str().is_some_and(|f| f.starts_with("hcmoco-checkpoint/")) {
+            return Err(field(format!("{} is not an hcmoco checkpoint (no format key)", meta_path.display())).into());
+        }
+        let steps = meta["step"].as_u64().ok_or_else(|| field(format!("{}: no step", meta_path.display())))?;
+        if steps >= config.steps {
+            return Err(field(format!(
+                "{dir} holds {steps} steps, but the job trains {}: nothing left to train",
+                config.steps
+            ))
+            .into());
+        }
+        let id = self.submit(config)?;
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.get_mut(&id) {
+            job.committed_steps = steps;
+            job.committed_checkpoint = Some((steps, dir.to_string()));
+            job.latest_checkpoint = dir.to_string();
+            job.event("resume", None, format!("from {dir}"), steps);
+        }
+        Ok(id)
+    }
+
+    /// CheckpointJob: rank 0 writes a checkpoint after the first step no rank has fetched yet.
+    /// Returns the steps it will hold.
+    pub fn request_checkpoint(&self, id: &JobId) -> Result<u64, CoordError> {
+        let mut inner = self.lock();
+        let job = inner.jobs.get_mut(id).ok_or_else(|| CoordError::NoJob(id.clone()))?;
+        if job.state != JobState::Running {
+            return Err(CoordError::Precondition(format!("job {id} is {}: only a running job checkpoints", job.state)));
+        }
+        let step = job.generation.as_ref().map_or(job.committed_steps, |g| g.fetched_end.max(job.committed_steps));
+        let step = step.min(job.config.steps - 1);
+        let after = *job.checkpoint_after.get_or_insert(step);
+        job.event("checkpoint", None, format!("requested after step {after}"), job.committed_steps);
+        Ok(after + 1)
     }
 
     pub fn status(&self, id: &JobId) -> Result<pb::JobStatus, CoordError> {
@@ -1357,6 +1413,7 @@ impl Coordinator {
                 local_slots: local,
                 samples,
                 learning_rate: lr,
+                checkpoint: job.checkpoint_after == Some(req.step),
             }))
         })
     }

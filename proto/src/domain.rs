@@ -92,6 +92,8 @@ pub fn parse_host_port(field: &str, value: &str) -> Result<String, FieldError> {
 #[derive(Debug, Clone)]
 pub struct SubmitJob {
     pub config: JobConfig,
+    /// A checkpoint directory to start from.
+    pub resume: Option<String>,
 }
 
 impl TryFrom<pb::SubmitJobRequest> for SubmitJob {
@@ -101,7 +103,8 @@ impl TryFrom<pb::SubmitJobRequest> for SubmitJob {
             return Err(FieldError::new("spec_toml", "must not be empty"));
         }
         let config = JobConfig::from_toml(&r.spec_toml).map_err(|e| FieldError::new("spec_toml", e.to_string()))?;
-        Ok(SubmitJob { config })
+        let resume = (!r.resume_checkpoint.trim().is_empty()).then(|| r.resume_checkpoint.trim().to_string());
+        Ok(SubmitJob { config, resume })
     }
 }
 
@@ -109,6 +112,13 @@ impl TryFrom<pb::SubmitJobRequest> for SubmitJob {
 #[derive(Debug, Clone)]
 pub struct JobRef {
     pub job_id: JobId,
+}
+
+impl TryFrom<pb::CheckpointJobRequest> for JobRef {
+    type Error = FieldError;
+    fn try_from(r: pb::CheckpointJobRequest) -> Result<Self, FieldError> {
+        Ok(JobRef { job_id: job_id("job_id", &r.job_id)? })
+    }
 }
 
 impl TryFrom<pb::GetJobRequest> for JobRef {
@@ -609,6 +619,8 @@ pub struct StepWork {
     /// The samples of `local_slots`, in slot order.
     pub samples: Vec<pb::SampleRef>,
     pub learning_rate: f64,
+    /// Rank 0 writes a checkpoint after this step (on demand).
+    pub checkpoint: bool,
 }
 
 /// What `FetchWork` answers.
@@ -642,6 +654,7 @@ impl From<Work> for pb::FetchWorkResponse {
                 message: String::new(),
                 rendezvous: false,
                 wait: false,
+                checkpoint: s.checkpoint,
             },
             Work::Rendezvous => pb::FetchWorkResponse { rendezvous: true, ..Default::default() },
             Work::Wait => pb::FetchWorkResponse { wait: true, ..Default::default() },
@@ -690,6 +703,7 @@ impl TryFrom<pb::FetchWorkResponse> for Work {
             local_slots: w.local_slot_begin..w.local_slot_end,
             samples: w.samples,
             learning_rate: w.learning_rate,
+            checkpoint: w.checkpoint,
         }))
     }
 }
@@ -876,8 +890,12 @@ mod tests {
             field_of(CancelJob::try_from(pb::CancelJobRequest { job_id: "a/b".into(), reason: String::new() })),
             "job_id"
         );
-        assert_eq!(field_of(SubmitJob::try_from(pb::SubmitJobRequest { spec_toml: String::new() })), "spec_toml");
-        let e = SubmitJob::try_from(pb::SubmitJobRequest { spec_toml: "stepz = 1".into() }).expect_err("unknown key");
+        assert_eq!(
+            field_of(SubmitJob::try_from(pb::SubmitJobRequest { spec_toml: String::new(), ..Default::default() })),
+            "spec_toml"
+        );
+        let e = SubmitJob::try_from(pb::SubmitJobRequest { spec_toml: "stepz = 1".into(), ..Default::default() })
+            .expect_err("unknown key");
         assert_eq!(e.field, "spec_toml");
         assert!(e.reason.contains("stepz"), "{}", e.reason);
     }

@@ -111,7 +111,10 @@ fn malformed_job_files_name_the_key() {
     // Straight over gRPC: InvalidArgument naming the key.
     let status = c.rt.block_on(async {
         let mut client = pb::job_service_client::JobServiceClient::connect(c.url()).await.expect("connect");
-        client.submit_job(pb::SubmitJobRequest { spec_toml: format!("stepz = 1\n{base}") }).await.expect_err("refused")
+        client
+            .submit_job(pb::SubmitJobRequest { spec_toml: format!("stepz = 1\n{base}"), ..Default::default() })
+            .await
+            .expect_err("refused")
     });
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("stepz"), "{}", status.message());

@@ -358,10 +358,11 @@ fn the_standby_takes_over_when_the_leader_dies_and_nothing_committed_is_lost() {
 
     let mut cfg = elastic_job(&manifest, tmp.path(), 2, 2, 150);
     cfg.heartbeat.timeout_ms = 10_000;
-    let job =
-        job_call(&rt, &a.addr, async |mut c| c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml() }).await)
-            .expect("submitted")
-            .job_id;
+    let job = job_call(&rt, &a.addr, async |mut c| {
+        c.submit_job(pb::SubmitJobRequest { spec_toml: cfg.to_toml(), ..Default::default() }).await
+    })
+    .expect("submitted")
+    .job_id;
     let both = format!("{},{}", a.addr, b.addr);
     let mut workers: Vec<WorkerProc> = (0..2)
         .map(|i| {
@@ -424,4 +425,146 @@ fn the_standby_takes_over_when_the_leader_dies_and_nothing_committed_is_lost() {
         assert!(code.success(), "{}", w.log_text());
     }
     eprintln!("takeover answered {takeover_secs:.2}s after the kill");
+}
+
+/// A checkpoint on demand, then a new job resumed from it: it starts at the checkpoint's step with
+/// its state; a job of another architecture is refused, naming a tensor.
+#[test]
+fn a_checkpoint_on_demand_resumes_a_new_job_and_another_architecture_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 24, 32, 9);
+    let c = TestCoordinator::start();
+    let cfg = elastic_job(&manifest, tmp.path(), 2, 2, 400);
+    let job = c.submit(cfg.clone());
+    let workers: Vec<Traced> = (0..2).map(|i| spawn(&c, &job, tmp.path(), &format!("a{i}"))).collect();
+    c.wait_until(&job, LIMIT, |_| {}, |s| s.committed_steps >= 5).expect("training");
+    let steps = c.coordinator.request_checkpoint(&job).expect("checkpoint");
+    let name = format!("step-{steps:08}");
+    let s = c.wait_until(&job, LIMIT, |_| {}, |s| s.latest_checkpoint.ends_with(&name)).expect("written, committed");
+    let dir = s.latest_checkpoint.clone();
+    c.coordinator.cancel(&job, "done with it").expect("cancel");
+    drop(workers);
+
+    let resumed = c.coordinator.submit_resumed(cfg.clone(), &dir).expect("resume accepted");
+    assert_eq!(c.status(&resumed).committed_steps, steps);
+    let mut ws: Vec<Traced> = (0..2).map(|i| spawn(&c, &resumed, tmp.path(), &format!("b{i}"))).collect();
+    let end = c.wait_until(&resumed, LIMIT, |_| {}, is_terminal).expect("resumed job ends");
+    assert_eq!(state_of(&end), pb::JobState::Completed, "{}", end.message);
+    for w in &mut ws {
+        let code = w.proc.wait(Duration::from_secs(60)).expect("exits");
+        assert!(code.success(), "{}", w.proc.log_text());
+        let log = w.proc.log_text();
+        assert!(log.contains(&format!("restored {dir}")), "{log}");
+        assert!(log.contains(&format!("from step {steps}")), "{log}");
+    }
+    let ledger = c.coordinator.ledger(&LedgerRef { job_id: resumed.clone(), epoch: 0 }).expect("ledger");
+    assert!(ledger.iter().all(|e| e.step >= steps), "the resumed job's ledger starts at its checkpoint");
+
+    // Another architecture: refused by the workers, naming a tensor; the job fails.
+    let mut other = cfg;
+    other.model.embed_dim = 16;
+    let bad = c.coordinator.submit_resumed(other, &dir).expect("accepted (the workers check the tensors)");
+    let _ws: Vec<Traced> = (0..2).map(|i| spawn(&c, &bad, tmp.path(), &format!("c{i}"))).collect();
+    let end = c.wait_until(&bad, LIMIT, |_| {}, is_terminal).expect("refused");
+    assert_eq!(state_of(&end), pb::JobState::Failed);
+    assert!(end.message.contains("model.safetensors") && end.message.contains("shape"), "{}", end.message);
+    // And a directory that is no checkpoint is refused at submission, naming the field.
+    let err = c.coordinator.submit_resumed(elastic_job(&manifest, tmp.path(), 1, 1, 10), "/nowhere").expect_err("no");
+    let status: tonic::Status = err.into();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("resume_checkpoint"), "{}", status.message());
+}
+
+/// The indices of the worker processes still running.
+fn running(workers: &mut [Traced]) -> Vec<usize> {
+    let mut alive = Vec::new();
+    for (i, w) in workers.iter_mut().enumerate() {
+        if matches!(w.proc.child.try_wait(), Ok(None)) {
+            alive.push(i);
+        }
+    }
+    alive
+}
+
+/// A seeded chaos run (about two minutes): kill -9, SIGTERM, new workers and scale changes at random
+/// moments while the job trains; then the job completes and the audit holds: the ledger equals what
+/// the workers trained, every slot of every full epoch exactly once, the final replicas identical.
+/// `HCMOCO_CHAOS_SEED` replays a run.
+#[test]
+fn a_seeded_chaos_run_loses_and_repeats_nothing() {
+    let seed: u64 = std::env::var("HCMOCO_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20261204);
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        // xorshift64*: deterministic, seeded.
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        (rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) % n.max(1)
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let manifest = synth(&tmp.path().join("data"), 36, 32, 10);
+    let c = TestCoordinator::start();
+    let mut cfg = elastic_job(&manifest, tmp.path(), 1, 4, 1600);
+    cfg.rendezvous.settle_ms = 200;
+    let job = c.submit(cfg);
+    let mut workers: Vec<Traced> = (0..3).map(|i| spawn(&c, &job, tmp.path(), &format!("w{i}"))).collect();
+    let mut killed = Vec::new();
+    let mut terminated = Vec::new();
+    let mut log = Vec::new();
+    c.wait_until(&job, LIMIT, |_| {}, |s| s.committed_steps >= 5).expect("training");
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(100) {
+        std::thread::sleep(Duration::from_millis(1500 + next(3000)));
+        let s = c.status(&job);
+        if is_terminal(&s) || s.committed_steps > 1400 {
+            break;
+        }
+        let alive = running(&mut workers);
+        match next(4) {
+            0 if alive.len() >= 2 => {
+                let i = alive[next(alive.len() as u64) as usize];
+                kill(&mut workers[i]);
+                killed.push(i);
+                log.push(format!("step {}: kill -9 w{i}", s.committed_steps));
+            }
+            1 if alive.len() >= 2 => {
+                let i = alive[next(alive.len() as u64) as usize];
+                sigterm(&workers[i]);
+                terminated.push(i);
+                log.push(format!("step {}: SIGTERM w{i}", s.committed_steps));
+            }
+            2 => {
+                let target = 1 + next(4) as u32;
+                c.coordinator.scale(ScaleJob { job_id: job.clone(), workers: target }).expect("scale");
+                log.push(format!("step {}: scale to {target}", s.committed_steps));
+            }
+            _ => {
+                let name = format!("w{}", workers.len());
+                workers.push(spawn(&c, &job, tmp.path(), &name));
+                log.push(format!("step {}: start {name}", s.committed_steps));
+            }
+        }
+        // Never leave the job without a worker (the audit then needs no rollback).
+        let alive = running(&mut workers).len();
+        let s = c.status(&job);
+        if alive < 2 || s.target_workers as usize > alive {
+            let name = format!("w{}", workers.len());
+            workers.push(spawn(&c, &job, tmp.path(), &name));
+            log.push(format!("step {}: start {name} (keep the job staffed)", s.committed_steps));
+        }
+    }
+    let end = c.wait_until(&job, LIMIT, |_| {}, is_terminal).expect("job ends");
+    let history = log.join("\n");
+    assert_eq!(state_of(&end), pb::JobState::Completed, "seed {seed}: {}\n{history}", end.message);
+    for (i, w) in workers.iter_mut().enumerate() {
+        if killed.contains(&i) {
+            continue;
+        }
+        let code = w.proc.wait(Duration::from_secs(60)).expect("exits");
+        assert!(code.success(), "seed {seed}: worker {i} failed\n{history}\n{}", w.proc.log_text());
+    }
+    audit(&c, &job, &workers, &killed, 1);
+    let ranks: Vec<u32> = (0..end.world_size).collect();
+    assert_identical(tmp.path(), &ranks);
+    eprintln!("seed {seed}: {} events, {} generations\n{history}", log.len(), end.generation);
 }

@@ -535,11 +535,13 @@ struct Fatal(String);
 /// policy, a diverged loss, ranks disagreeing on the plan.
 fn is_fatal(e: &anyhow::Error) -> bool {
     use crate::train::StepError;
-    e.chain().any(|c| {
-        c.downcast_ref::<Fatal>().is_some()
-            || c.downcast_ref::<StepError>()
+    // A context layer is found by `anyhow::Error::downcast_ref` (it walks nested contexts), not by
+    // `chain()`, which yields the layers as anyhow's own wrapper type.
+    e.downcast_ref::<Fatal>().is_some()
+        || e.chain().any(|c| {
+            c.downcast_ref::<StepError>()
                 .is_some_and(|s| matches!(s, StepError::NonFinite(_) | StepError::RowMismatch { .. }))
-    })
+        })
 }
 
 /// How one generation ended for this worker.
@@ -927,8 +929,10 @@ impl Setup {
             }
             StateSource::Checkpoint(dir) => {
                 *has_state = false;
+                // A checkpoint that does not fit the job's model is the job's problem, not this
+                // worker's: fatal.
                 restore_checkpoint(&mut self.trainer, Path::new(dir))
-                    .with_context(|| format!("cannot restore the committed checkpoint {dir}"))?;
+                    .map_err(|e| e.context(Fatal(format!("cannot restore the committed checkpoint {dir}"))))?;
             }
         }
         if self.trainer.applied_steps != m.start_step {
@@ -1061,6 +1065,7 @@ impl Setup {
             let done_steps = step + 1;
             let mut checkpoint_dir = String::new();
             let due = done_steps == cfg.steps
+                || work.checkpoint
                 || (cfg.checkpoint.every_steps > 0 && done_steps.is_multiple_of(cfg.checkpoint.every_steps));
             if due && rank == 0 {
                 let ends_epoch = work.global_slots.end >= self.epoch_len;
@@ -1227,6 +1232,18 @@ fn requests(step: u64, work: &StepWork) -> Vec<Request> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fatal_errors_are_recognised_under_any_context() {
+        let data = anyhow::anyhow!("corrupt png").context(Fatal("step 1: loading".into())).context("outer");
+        assert!(is_fatal(&data));
+        let diverged = anyhow::Error::from(crate::train::StepError::NonFinite(f64::NAN)).context("step 3 (rank 0)");
+        assert!(is_fatal(&diverged));
+        let comm = anyhow::Error::from(CommError::Aborted { op: "all_reduce", reason: "peer gone".into() })
+            .context("step 3 (rank 1)");
+        assert!(!is_fatal(&comm) && is_membership_error(&comm));
+        assert!(!is_fatal(&anyhow::anyhow!("disk full")));
+    }
 
     /// Depth negatives come only from samples that have depth, also in shards that mix both; ids
     /// continue across datasets.
