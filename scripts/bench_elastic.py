@@ -67,8 +67,12 @@ class Watch:
         self.proc.kill()
 
 
+REJOIN_MS = None
+
+
 def job_file(tmp, data, min_w, max_w, steps):
     path = os.path.join(tmp, "job.toml")
+    rejoin = f"[rendezvous]\nrejoin_ms = {REJOIN_MS}\n" if REJOIN_MS is not None else ""
     with open(path, "w") as f:
         f.write(f"""name = "bench-elastic"
 steps = {steps}
@@ -88,7 +92,7 @@ image_size = 0
 [checkpoint]
 dir = "{tmp}/ckpt"
 every_steps = 0
-""")
+""" + rejoin)
     return path
 
 
@@ -217,7 +221,10 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", "target"), "debug"))
     ap.add_argument("--scenarios", default="recovery,join,failover")
+    ap.add_argument("--rejoin-ms", type=int, default=None, help="rendezvous.rejoin_ms (default: the job default)")
     args = ap.parse_args()
+    global REJOIN_MS
+    REJOIN_MS = args.rejoin_ms
     bins = args.bin_dir
     data = tempfile.mkdtemp()
     subprocess.run([f"{bins}/hcmoco-worker", "data", "synth", "--out", data, "--samples", "96", "--size", "48"],

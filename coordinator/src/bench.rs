@@ -108,6 +108,56 @@ pub async fn rendezvous(workers: u32, connections: usize) -> anyhow::Result<(f64
     Ok((took, largest))
 }
 
+/// Seconds for a break to re-form: after generation 1 is sealed, one member reports a failure and
+/// all N rendezvous again; from the report to the last assignment of generation 2.
+pub async fn reform(workers: u32, connections: usize) -> anyhow::Result<f64> {
+    let b = setup(workers, connections, 600_000).await?;
+    let ids = join_all(&b, workers).await?;
+    let poll = |ids: Vec<String>, generation: u64| {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, id) in ids.into_iter().enumerate() {
+            let mut c = b.clients[i % b.clients.len()].clone();
+            tasks.spawn(async move {
+                loop {
+                    let req = pb::RendezvousRequest {
+                        worker_id: id.clone(),
+                        generation,
+                        has_state: generation > 0,
+                        ..Default::default()
+                    };
+                    if c.rendezvous(req).await?.into_inner().ready {
+                        return Ok::<(), tonic::Status>(());
+                    }
+                }
+            });
+        }
+        tasks
+    };
+    let mut first = poll(ids.clone(), 0);
+    while let Some(r) = first.join_next().await {
+        r?.map_err(|s| anyhow::anyhow!("rendezvous: {}", s.message()))?;
+    }
+    let started = Instant::now();
+    let mut c = b.clients[0].clone();
+    c.report_failure(pb::ReportFailureRequest {
+        worker_id: ids[0].clone(),
+        generation: 1,
+        message: "bench: a peer failed".into(),
+        failed_rank: -1,
+        ..Default::default()
+    })
+    .await?;
+    let mut second = poll(ids, 1);
+    while let Some(r) = second.join_next().await {
+        r?.map_err(|s| anyhow::anyhow!("rendezvous: {}", s.message()))?;
+    }
+    let took = started.elapsed().as_secs_f64();
+    let st = b.coordinator.status(&hcmoco_proto::domain::JobId(b.job.clone()))?;
+    anyhow::ensure!(st.generation == 2 && st.world_size == workers, "generation {} of {}", st.generation, st.world_size);
+    b.shutdown.cancel();
+    Ok(took)
+}
+
 fn cpu_seconds() -> f64 {
     // utime + stime of this process, in clock ticks (fields 14 and 15 of /proc/self/stat).
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();

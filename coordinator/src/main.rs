@@ -155,6 +155,14 @@ enum BenchCmd {
         #[arg(long, default_value_t = 16)]
         connections: usize,
     },
+    /// N workers in generation 1; one reports a failure and all rendezvous again: seconds until the
+    /// last has its generation-2 assignment.
+    Reform {
+        #[arg(long)]
+        workers: u32,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
     /// The durable write a commit makes under `serve --etcd`: latency of K writes of a job record
     /// with N workers.
     EtcdWrites {
@@ -316,6 +324,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "rendezvous workers={workers} connections={connections} secs={secs:.3} largest_assignment_bytes={bytes}"
                 );
+                Ok(())
+            }
+            BenchCmd::Reform { workers, connections } => {
+                let secs = hcmoco_coordinator::bench::reform(workers, connections).await?;
+                println!("reform workers={workers} connections={connections} secs={secs:.3}");
                 Ok(())
             }
             BenchCmd::EtcdWrites { etcd, workers, writes } => {

@@ -88,6 +88,10 @@ struct Job {
     by_addr: HashMap<String, usize>,
     /// Workers with an offer (waiting in a rendezvous).
     waiting: usize,
+    /// Of the latest generation's members: those waiting in a rendezvous, and those gone or leaving
+    /// (so a forming generation knows in O(1) whether every member is back).
+    members_back: usize,
+    members_absent: usize,
     /// The latest sealed generation.
     generation: Option<Generation>,
     /// The generation being formed, once the first has been sealed.
@@ -211,13 +215,39 @@ impl Job {
         self.index = self.workers.iter().enumerate().map(|(i, w)| (w.id.clone(), i)).collect();
         self.by_addr = self.workers.iter().enumerate().map(|(i, w)| (w.collective_addr.clone(), i)).collect();
         self.waiting = self.workers.iter().filter(|w| w.offer.is_some()).count();
+        self.recount_members();
+    }
+
+    /// Recounts the latest generation's members that are back or absent (O(members); on the rare
+    /// changes: a seal, a removal, a leave).
+    fn recount_members(&mut self) {
+        let (mut back, mut absent) = (0, 0);
+        if let Some(g) = &self.generation {
+            for m in &g.members {
+                match self.index.get(m).map(|&i| &self.workers[i]) {
+                    None => absent += 1,
+                    Some(w) if w.leaving => absent += 1,
+                    Some(w) if w.offer.is_some() => back += 1,
+                    Some(_) => {}
+                }
+            }
+        }
+        self.members_back = back;
+        self.members_absent = absent;
     }
 
     /// Sets or clears a worker's rendezvous offer, keeping the count of waiting workers.
     fn set_offer(&mut self, i: usize, offer: Option<Offer>) {
+        let counted = !self.workers[i].leaving && self.rank_of(&self.workers[i].id).is_some();
         match (self.workers[i].offer.is_some(), offer.is_some()) {
-            (false, true) => self.waiting += 1,
-            (true, false) => self.waiting -= 1,
+            (false, true) => {
+                self.waiting += 1;
+                self.members_back += usize::from(counted);
+            }
+            (true, false) => {
+                self.waiting -= 1;
+                self.members_back -= usize::from(counted);
+            }
             _ => {}
         }
         self.workers[i].offer = offer;
@@ -327,6 +357,7 @@ impl Job {
         self.pending_reports.clear();
         self.generation = Some(generation);
         self.next = None;
+        self.recount_members();
         let world = members.len();
         self.event("generation", None, format!("world {world}"), start_step);
         tracing::info!(job = %self.id, generation = number, world, start_step, "generation sealed");
@@ -378,15 +409,20 @@ impl Job {
         if next.drain() && self.committed_steps < next.boundary {
             return None; // members still train the old generation's steps before the boundary
         }
-        // Old members still registered and not leaving, in old rank order; those back in a rendezvous.
-        let old: Vec<usize> =
-            g.members.iter().filter_map(|m| self.pos(m)).filter(|&i| !self.workers[i].leaving).collect();
-        let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
         let window_from = match self.next.as_mut() {
             Some(n) => *n.window_from.get_or_insert(now),
             None => now,
         };
         let rejoin_deadline = window_from + Duration::from_millis(self.config.rendezvous.rejoin_ms);
+        // O(1) while members are still coming back (this runs on every arrival).
+        if self.members_back + self.members_absent < g.members.len() && now < rejoin_deadline {
+            return Some(rejoin_deadline);
+        }
+        let g = self.generation.as_ref().expect("checked above");
+        // Old members still registered and not leaving, in old rank order; those back in a rendezvous.
+        let old: Vec<usize> =
+            g.members.iter().filter_map(|m| self.pos(m)).filter(|&i| !self.workers[i].leaving).collect();
+        let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
         if arrived.len() < old.len() && now < rejoin_deadline {
             return Some(rejoin_deadline);
         }
@@ -721,6 +757,8 @@ impl Job {
             index: HashMap::new(),
             by_addr: HashMap::new(),
             waiting: 0,
+            members_back: 0,
+            members_absent: 0,
             generation: None,
             next: None,
             released: Vec::new(),
@@ -1003,6 +1041,8 @@ impl Coordinator {
             index: HashMap::new(),
             by_addr: HashMap::new(),
             waiting: 0,
+            members_back: 0,
+            members_absent: 0,
             generation: None,
             next: None,
             released: Vec::new(),
@@ -1517,6 +1557,7 @@ impl Coordinator {
             }
             job.worker_mut(&me)?.leaving = true;
             job.durable += 1;
+            job.recount_members();
             job.event("leave", Some(&me), "leaving (SIGTERM)", step);
             let now = Instant::now();
             job.open_next(Change::Leave, format!("worker {me} is leaving"), now);
