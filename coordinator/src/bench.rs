@@ -153,7 +153,12 @@ pub async fn reform(workers: u32, connections: usize) -> anyhow::Result<f64> {
     }
     let took = started.elapsed().as_secs_f64();
     let st = b.coordinator.status(&hcmoco_proto::domain::JobId(b.job.clone()))?;
-    anyhow::ensure!(st.generation == 2 && st.world_size == workers, "generation {} of {}", st.generation, st.world_size);
+    anyhow::ensure!(
+        st.generation == 2 && st.world_size == workers,
+        "generation {} of {}",
+        st.generation,
+        st.world_size
+    );
     b.shutdown.cancel();
     Ok(took)
 }

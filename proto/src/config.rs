@@ -237,6 +237,67 @@ impl Default for LossConfig {
     }
 }
 
+/// Defines a closed set of job-file values: the enum, its names, parsing and display. The job file
+/// keeps the text (so a bad value is refused by [`JobConfig::validate`] naming its key); code reads
+/// the typed value through the config's accessor, never comparing strings.
+macro_rules! choice {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            /// Every accepted spelling, in order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(format!("{other:?}: expected one of {:?}", $name::NAMES)),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+choice!(
+    /// `data.on_error`: what a sample that cannot be read does.
+    OnError { Fail = "fail", Skip = "skip" }
+);
+choice!(
+    /// `loss.variant`: where the sample-level terms take their negatives.
+    LossVariant { InBatch = "in_batch", MemoryBank = "memory_bank" }
+);
+choice!(
+    /// `collective.backend`.
+    Backend { Cpu = "cpu", Nccl = "nccl" }
+);
+choice!(
+    /// `collective.transport` (cpu backend).
+    TransportChoice { Auto = "auto", Tcp = "tcp", Shm = "shm" }
+);
+choice!(
+    /// `runtime.autocast`.
+    Autocast { None = "none", Bf16 = "bf16" }
+);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
@@ -345,6 +406,31 @@ impl Default for RuntimeConfig {
 }
 
 impl JobConfig {
+    /// `data.on_error` (validated; a config that was never validated reads as the default).
+    pub fn on_error(&self) -> OnError {
+        self.data.on_error.parse().unwrap_or(OnError::Fail)
+    }
+
+    /// `loss.variant`.
+    pub fn loss_variant(&self) -> LossVariant {
+        self.loss.variant.parse().unwrap_or(LossVariant::InBatch)
+    }
+
+    /// `collective.backend`.
+    pub fn backend(&self) -> Backend {
+        self.collective.backend.parse().unwrap_or(Backend::Cpu)
+    }
+
+    /// `collective.transport`.
+    pub fn transport(&self) -> TransportChoice {
+        self.collective.transport.parse().unwrap_or(TransportChoice::Auto)
+    }
+
+    /// `runtime.autocast`.
+    pub fn autocast(&self) -> Autocast {
+        self.runtime.autocast.parse().unwrap_or(Autocast::None)
+    }
+
     /// Parses and validates a job file.
     pub fn from_toml(text: &str) -> Result<JobConfig, ConfigError> {
         let cfg = JobConfig::parse_toml(text)?;
@@ -417,12 +503,7 @@ impl JobConfig {
         if !(d.rotation_deg >= 0.0 && d.rotation_deg <= 180.0) {
             return Err(ConfigError::invalid("data.rotation_deg", "must be in [0, 180]"));
         }
-        if !["fail", "skip"].contains(&d.on_error.as_str()) {
-            return Err(ConfigError::invalid(
-                "data.on_error",
-                format!("{:?}: expected \"fail\" or \"skip\"", d.on_error),
-            ));
-        }
+        d.on_error.parse::<OnError>().map_err(|e| ConfigError::invalid("data.on_error", e))?;
         if d.loader_threads == 0 {
             return Err(ConfigError::invalid("data.loader_threads", "must be at least 1"));
         }
@@ -450,13 +531,8 @@ impl JobConfig {
         if !(l.temperature.is_finite() && l.temperature > 0.0) {
             return Err(ConfigError::invalid("loss.temperature", "must be a positive number"));
         }
-        if !["in_batch", "memory_bank"].contains(&l.variant.as_str()) {
-            return Err(ConfigError::invalid(
-                "loss.variant",
-                format!("unknown variant {:?} (known: \"in_batch\", \"memory_bank\")", l.variant),
-            ));
-        }
-        if l.variant == "memory_bank" && l.negatives == 0 {
+        let variant = l.variant.parse::<LossVariant>().map_err(|e| ConfigError::invalid("loss.variant", e))?;
+        if variant == LossVariant::MemoryBank && l.negatives == 0 {
             return Err(ConfigError::invalid("loss.negatives", "must be at least 1"));
         }
         if !(1..=2).contains(&l.stage) {
@@ -481,18 +557,11 @@ impl JobConfig {
         if self.checkpoint.dir.trim().is_empty() {
             return Err(ConfigError::invalid("checkpoint.dir", "must not be empty"));
         }
-        if !["cpu", "nccl"].contains(&self.collective.backend.as_str()) {
-            return Err(ConfigError::invalid(
-                "collective.backend",
-                format!("unknown backend {:?} (known: \"cpu\", \"nccl\")", self.collective.backend),
-            ));
-        }
-        if !["auto", "tcp", "shm"].contains(&self.collective.transport.as_str()) {
-            return Err(ConfigError::invalid(
-                "collective.transport",
-                format!("unknown transport {:?} (known: \"auto\", \"tcp\", \"shm\")", self.collective.transport),
-            ));
-        }
+        self.collective.backend.parse::<Backend>().map_err(|e| ConfigError::invalid("collective.backend", e))?;
+        self.collective
+            .transport
+            .parse::<TransportChoice>()
+            .map_err(|e| ConfigError::invalid("collective.transport", e))?;
         if !(self.collective.bucket_mb.is_finite() && self.collective.bucket_mb >= 0.0) {
             return Err(ConfigError::invalid("collective.bucket_mb", "must be >= 0"));
         }
@@ -505,12 +574,7 @@ impl JobConfig {
         if self.heartbeat.timeout_ms <= self.heartbeat.interval_ms {
             return Err(ConfigError::invalid("heartbeat.timeout_ms", "must be larger than heartbeat.interval_ms"));
         }
-        if !["none", "bf16"].contains(&self.runtime.autocast.as_str()) {
-            return Err(ConfigError::invalid(
-                "runtime.autocast",
-                format!("{:?}: expected \"none\" or \"bf16\"", self.runtime.autocast),
-            ));
-        }
+        self.runtime.autocast.parse::<Autocast>().map_err(|e| ConfigError::invalid("runtime.autocast", e))?;
         if self.runtime.torch_threads == 0 {
             return Err(ConfigError::invalid("runtime.torch_threads", "must be at least 1"));
         }

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use hcmoco_data::Dataset;
 use hcmoco_proto::JobConfig;
+use hcmoco_proto::config::{Autocast, Backend, LossVariant, OnError, TransportChoice};
 use hcmoco_proto::domain::{Assignment, CallError, HeldState, Membership, StateSource, StepWork, Work};
 use hcmoco_proto::pb;
 use hcmoco_proto::pb::worker_service_client::WorkerServiceClient;
@@ -38,7 +39,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::batch::{self, BatchOptions, SampleTag};
 use crate::checkpoint::{self, CheckpointMeta};
-use crate::comm::{AbortHandle, CommError, Communicator, CpuOptions, PeerInfo, connect_cpu_with};
+use crate::comm::{AbortHandle, CommError, Communicator, CpuOptions, PeerInfo, Transport, connect_cpu_with};
 use crate::export::ImageModality;
 use crate::loader::{Loader, Request};
 use crate::loss::MemoryBank;
@@ -663,9 +664,9 @@ fn summary(ctx: &Ctx, setup: Option<&Setup>, rank: u32, ending: Ending) -> RunSu
 /// Long polls until a generation takes this worker in. A fresh collective bootstrap is offered each
 /// time (an NCCL unique id is good for one communicator).
 fn rendezvous(ctx: &Ctx, held: Option<HeldState>) -> anyhow::Result<Assignment> {
-    let offer = match ctx.config.collective.backend.as_str() {
-        "nccl" => crate::comm::nccl::nccl_unique_id().context("collective.backend = \"nccl\"")?,
-        _ => Vec::new(),
+    let offer = match ctx.config.backend() {
+        Backend::Nccl => crate::comm::nccl::nccl_unique_id().context("collective.backend = \"nccl\"")?,
+        Backend::Cpu => Vec::new(),
     };
     loop {
         if let Some(why) = ctx.control.reason() {
@@ -769,20 +770,24 @@ impl Setup {
                 Some(start)
             })
             .collect();
-        let eligible =
-            (cfg.loss.variant == "memory_bank").then(|| bank_eligibility(&datasets, &dataset_offsets)).transpose()?;
+        let eligible = (cfg.loss_variant() == LossVariant::MemoryBank)
+            .then(|| bank_eligibility(&datasets, &dataset_offsets))
+            .transpose()?;
         let loader = Loader::new(Arc::new(datasets), augment_cfg, cfg.seed, cfg.data.loader_threads as usize);
-        let device = match (&ctx.opts.device, cfg.collective.backend.as_str()) {
+        let device = match (&ctx.opts.device, cfg.backend()) {
             (Some(d), _) => parse_device(d)?,
             // The local rank's GPU for NCCL (ranks sharing a host), kept for the worker's life.
-            (None, "nccl") => Device::Cuda(first.local_rank as usize),
-            (None, _) => Device::Cpu,
+            (None, Backend::Nccl) => Device::Cuda(first.local_rank as usize),
+            (None, Backend::Cpu) => Device::Cpu,
         };
         let model = Model::new(&cfg.model, first_manifest.layout, cfg.seed, device)?;
         let bucket_bytes = (cfg.collective.bucket_mb * 1048576.0) as usize;
         let objective = Objective {
             stage: cfg.loss.stage,
-            variant: if cfg.loss.variant == "memory_bank" { Variant::MemoryBank } else { Variant::InBatch },
+            variant: match cfg.loss_variant() {
+                LossVariant::MemoryBank => Variant::MemoryBank,
+                LossVariant::InBatch => Variant::InBatch,
+            },
             temperature: cfg.loss.temperature,
             negatives: cfg.loss.negatives as usize,
             seed: cfg.seed,
@@ -804,7 +809,7 @@ impl Setup {
             joints,
             bucket_bytes,
         );
-        trainer.autocast = cfg.runtime.autocast == "bf16";
+        trainer.autocast = cfg.autocast() == Autocast::Bf16;
         if !cfg.model.init_checkpoint.is_empty() {
             init_from_checkpoint(&mut trainer, Path::new(&cfg.model.init_checkpoint))
                 .with_context(|| format!("model.init_checkpoint = {:?}", cfg.model.init_checkpoint))?;
@@ -844,8 +849,8 @@ impl Setup {
     fn connect(&self, ctx: &Ctx, listener: &TcpListener, m: &Membership) -> anyhow::Result<Box<dyn Communicator>> {
         let cfg = &ctx.config;
         let timeout = Duration::from_millis(cfg.collective.timeout_ms);
-        Ok(match (cfg.collective.backend.as_str(), self.device) {
-            ("nccl", Device::Cuda(index)) => Box::new(
+        Ok(match (cfg.backend(), self.device) {
+            (Backend::Nccl, Device::Cuda(index)) => Box::new(
                 crate::comm::nccl::connect_nccl(
                     m.rank as usize,
                     m.world as usize,
@@ -856,8 +861,8 @@ impl Setup {
                 )
                 .context("cannot form the NCCL communicator")?,
             ),
-            ("nccl", d) => bail!("collective.backend = \"nccl\" needs a CUDA device, not {d:?}"),
-            (_, Device::Cpu) => {
+            (Backend::Nccl, d) => bail!("collective.backend = \"nccl\" needs a CUDA device, not {d:?}"),
+            (Backend::Cpu, Device::Cpu) => {
                 // The ring needs this rank's neighbours only; the other entries stay empty.
                 let world = m.world as usize;
                 let mut peers = vec![PeerInfo { addr: String::new(), host_id: String::new() }; world];
@@ -869,15 +874,19 @@ impl Setup {
                 peers[(rank + world - 1) % world] = info(&m.left);
                 peers[(rank + 1) % world] = info(&m.right);
                 peers[rank] = PeerInfo { addr: ctx.collective_addr.clone(), host_id: ctx.host_id.clone() };
-                let opts =
-                    CpuOptions { transport: cfg.collective.transport.parse()?, timeout, ..CpuOptions::default() };
+                let transport = match cfg.transport() {
+                    TransportChoice::Auto => Transport::Auto,
+                    TransportChoice::Tcp => Transport::Tcp,
+                    TransportChoice::Shm => Transport::Shm,
+                };
+                let opts = CpuOptions { transport, timeout, ..CpuOptions::default() };
                 Box::new(
                     connect_cpu_with(listener, rank, &peers, m.generation, &opts)
                         .context("cannot form the collective ring")?,
                 )
             }
-            (backend, d) => {
-                bail!("collective.backend = {backend:?} works on CPU tensors; device {d:?} needs \"nccl\"")
+            (Backend::Cpu, d) => {
+                bail!("collective.backend = \"cpu\" works on CPU tensors; device {d:?} needs \"nccl\"")
             }
         })
     }
@@ -958,7 +967,7 @@ impl Setup {
             Work::try_from(resp).context("the coordinator sent inconsistent work")
         };
         let mut prefetched: Option<(u64, Work)> = None;
-        let skip_bad = cfg.data.on_error == "skip";
+        let skip_bad = cfg.on_error() == OnError::Skip;
         let names = self.trainer.objective.term_names();
         let mut step = m.start_step;
         let mut until: Option<u64> = None;
