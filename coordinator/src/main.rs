@@ -212,7 +212,7 @@ async fn serve_with_etcd(
     };
     let loaded = elected.load().await?;
     eprintln!("elected leader at {advertise} (etcd prefix {prefix}); carrying on {} stored jobs", loaded.jobs.len());
-    coordinator.lead(elected, loaded)?;
+    coordinator.lead(std::sync::Arc::new(elected), loaded)?;
     coordinator.persist().await.map_err(|s| anyhow::anyhow!("first write as leader: {}", s.message()))?;
     tokio::select! {
         _ = deposed.cancelled() => {

@@ -874,7 +874,7 @@ pub struct Coordinator {
     inner: Arc<Mutex<Inner>>,
     role: Arc<Mutex<Role>>,
     /// Set once this coordinator leads with a durable store (`serve --etcd`).
-    store: Arc<std::sync::OnceLock<crate::store::EtcdStore>>,
+    store: Arc<std::sync::OnceLock<Arc<dyn crate::store::StateStore>>>,
     /// Serialises writes to the store, so a newer record is never overwritten by an older one.
     writes: Arc<tokio::sync::Mutex<()>>,
     /// Cancelled when this coordinator stops leading (a write refused, the lease lost).
@@ -937,7 +937,7 @@ impl Coordinator {
 
     /// Takes over as leader with `store`: every stored job is carried on (running jobs rendezvous
     /// again into a new generation with the same members).
-    pub fn lead(&self, store: crate::store::EtcdStore, loaded: crate::store::Loaded) -> anyhow::Result<()> {
+    pub fn lead(&self, store: Arc<dyn crate::store::StateStore>, loaded: crate::store::Loaded) -> anyhow::Result<()> {
         let now = Instant::now();
         {
             let mut inner = self.lock();
@@ -2172,6 +2172,45 @@ mod tests {
         assert!(st.events.iter().any(|e| e.kind == "rollback"), "{:?}", st.events);
         let ledger = c.ledger(&domain::LedgerRef { job_id: job, epoch: 0 }).expect("ledger");
         assert_eq!(ledger.len(), 10, "steps 0 and 1 remain");
+    }
+
+    /// A takeover from the durable records (what a standby reads from etcd): the job is carried on at
+    /// its committed step, its members rendezvous again into a new generation with the state they
+    /// hold, and ids never repeat.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_leader_carries_a_job_on_from_its_records() {
+        let f = fixture(40);
+        let store: Arc<dyn crate::store::StateStore> = Arc::new(crate::store::MemoryStore::default());
+        let c = Coordinator::new();
+        c.lead(store.clone(), crate::store::Loaded::default()).expect("lead");
+        let (job, a, b) = running_pair(&c, &f).await;
+        for s in 0..2 {
+            train(&c, &a, 1, s).expect("report");
+            train(&c, &b, 1, s).expect("report");
+        }
+        c.persist().await.expect("persist");
+        // The old leader is gone; a new one reads the records.
+        let d = Coordinator::new();
+        d.lead(store.clone(), store.load().await.expect("load")).expect("lead");
+        let st = d.status(&job).expect("status");
+        assert_eq!((st.committed_steps, st.generation, st.world_size), (2, 1, 2));
+        assert!(st.events.iter().any(|e| e.kind == "takeover"), "{:?}", st.events);
+        // Generation 1's calls are stale: its members rendezvous again.
+        assert!(matches!(fetch(&d, &a, 1, 2), Err(CoordError::Call(CallError::StaleGeneration { current: 2, .. }))));
+        let held = Some(HeldState { applied_steps: 2, can_undo: true });
+        let pb_ = spawn_rdv(&d, rdv_with(&b, 1, held));
+        let ma = member(d.rendezvous(rdv_with(&a, 1, held), Duration::from_secs(5)).await.expect("rdv"));
+        let mb = member(pb_.await.expect("task").expect("rdv"));
+        assert_eq!((ma.generation, ma.start_step, ma.rank, mb.rank), (2, 2, 0, 1));
+        assert_eq!(ma.source, StateSource::Rank(0));
+        train(&d, &a, 2, 2).expect("report");
+        train(&d, &b, 2, 2).expect("report");
+        assert_eq!(d.status(&job).expect("status").committed_steps, 3);
+        // Ids continue where the old leader left off.
+        let n = join(&d, &job, "h", 1999);
+        assert_eq!(n.0, "w-3");
+        let ledger = d.ledger(&domain::LedgerRef { job_id: job, epoch: 0 }).expect("ledger");
+        assert_eq!(ledger.len(), 15, "steps 0..3 of batch 5: the old leader's steps and the new one's");
     }
 
     #[tokio::test(start_paused = true)]

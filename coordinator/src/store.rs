@@ -27,6 +27,51 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// Where a leading coordinator keeps its durable state: etcd ([`EtcdStore`]) for failover, or
+/// memory ([`MemoryStore`], for tests and single-process runs that want the persistence path).
+pub trait StateStore: Send + Sync + std::fmt::Debug {
+    /// Everything a new leader needs.
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>>;
+    /// Writes job records (id, JSON) and the id counters `(next_job, next_worker)` at once, only
+    /// while this coordinator leads (else [`StoreError::Deposed`]).
+    fn put<'a>(&'a self, jobs: &'a [(String, Vec<u8>)], counters: (u64, u64)) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// A store in memory: the records as the coordinator wrote them.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: std::sync::Mutex<(u64, u64, std::collections::BTreeMap<String, Vec<u8>>)>,
+}
+
+impl StateStore for MemoryStore {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
+        let (next_job, next_worker, jobs) = self.state.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Box::pin(async move { Ok(Loaded { next_job, next_worker, jobs: jobs.into_values().collect() }) })
+    }
+
+    fn put<'a>(&'a self, jobs: &'a [(String, Vec<u8>)], counters: (u64, u64)) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.0 = counters.0;
+        st.1 = counters.1;
+        for (id, bytes) in jobs {
+            st.2.insert(id.clone(), bytes.clone());
+        }
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl StateStore for EtcdStore {
+    fn load(&self) -> BoxFuture<'_, Result<Loaded, StoreError>> {
+        Box::pin(EtcdStore::load(self))
+    }
+
+    fn put<'a>(&'a self, jobs: &'a [(String, Vec<u8>)], counters: (u64, u64)) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(EtcdStore::put(self, jobs, counters))
+    }
+}
+
 /// What a new leader reads back.
 #[derive(Debug, Default)]
 pub struct Loaded {
