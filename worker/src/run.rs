@@ -433,6 +433,28 @@ pub fn run(opts: RunOptions) -> anyhow::Result<RunSummary> {
     result
 }
 
+/// A failure report: the error with its chain, and the rank a collective error blames.
+fn failure_report(
+    worker_id: &str,
+    generation: u64,
+    step: u64,
+    e: &anyhow::Error,
+    fatal: bool,
+) -> pb::ReportFailureRequest {
+    pb::ReportFailureRequest {
+        worker_id: worker_id.to_string(),
+        generation,
+        step,
+        message: format!("{e:#}"),
+        failed_rank: e
+            .chain()
+            .find_map(|c| c.downcast_ref::<CommError>())
+            .and_then(|c| c.peer_rank())
+            .map_or(-1, |r| r as i32),
+        fatal,
+    }
+}
+
 fn report_failure(
     rt: &Runtime,
     coordinators: &Coordinators,
@@ -441,18 +463,13 @@ fn report_failure(
     e: &anyhow::Error,
     fatal: bool,
 ) {
-    let req = pb::ReportFailureRequest {
-        worker_id: worker_id.to_string(),
-        generation: control.generation.load(Ordering::SeqCst),
-        step: control.step.load(Ordering::Relaxed),
-        message: format!("{e:#}"),
-        failed_rank: e
-            .chain()
-            .find_map(|c| c.downcast_ref::<CommError>())
-            .and_then(|c| c.peer_rank())
-            .map_or(-1, |r| r as i32),
+    let req = failure_report(
+        worker_id,
+        control.generation.load(Ordering::SeqCst),
+        control.step.load(Ordering::Relaxed),
+        e,
         fatal,
-    };
+    );
     let call = async |mut c: WorkerServiceClient<Channel>| c.report_failure(req.clone()).await;
     let _ = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(3), coordinators.call(Duration::from_secs(3), &call)).await
@@ -630,18 +647,13 @@ fn lifecycle(ctx: &Ctx, listener: TcpListener) -> anyhow::Result<RunSummary> {
                 eprintln!("generation {} failed: {e:#}", m.generation);
                 if !ctx.control.regenerate() {
                     // The coordinator has not moved on yet: tell it, so it forms the next generation.
-                    let rt_report = pb::ReportFailureRequest {
-                        worker_id: ctx.worker_id.clone(),
-                        generation: m.generation,
-                        step: ctx.control.step.load(Ordering::Relaxed),
-                        message: format!("{e:#}"),
-                        failed_rank: e
-                            .chain()
-                            .find_map(|c| c.downcast_ref::<CommError>())
-                            .and_then(|c| c.peer_rank())
-                            .map_or(-1, |r| r as i32),
-                        fatal: false,
-                    };
+                    let rt_report = failure_report(
+                        &ctx.worker_id,
+                        m.generation,
+                        ctx.control.step.load(Ordering::Relaxed),
+                        &e,
+                        false,
+                    );
                     let _ = ctx.call("report failure", async |mut c| c.report_failure(rt_report.clone()).await);
                 }
             }
