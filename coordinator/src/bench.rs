@@ -206,7 +206,7 @@ pub async fn heartbeats(workers: u32, connections: usize, secs: f64) -> anyhow::
 /// latencies in milliseconds and the record's size in bytes.
 pub async fn etcd_writes(endpoints: &[String], workers: u32, writes: usize) -> anyhow::Result<(Vec<f64>, usize)> {
     use crate::record::*;
-    let client = crate::store::connect(endpoints).await?;
+    let client = crate::store::connect(endpoints, crate::store::CONNECT_TIMEOUT).await?;
     let prefix = format!("/hcmoco-bench-{}", std::process::id());
     let deposed = CancellationToken::new();
     let store = crate::store::campaign(client, &prefix, "bench", 10, deposed, |_| {}).await?;

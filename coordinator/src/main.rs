@@ -44,6 +44,9 @@ enum Cmd {
         /// The leader's lease in seconds: a standby takes over this long after the leader dies.
         #[arg(long, default_value_t = 3)]
         election_ttl_secs: i64,
+        /// Keep trying to reach etcd at start for this long, then exit non-zero naming the endpoints.
+        #[arg(long, default_value_t = 20.0)]
+        etcd_connect_timeout_secs: f64,
     },
     /// Submit a job file (TOML) and print the job id.
     Submit {
@@ -193,8 +196,9 @@ async fn serve_with_etcd(
     prefix: String,
     advertise: String,
     ttl: i64,
+    patience: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let client = hcmoco_coordinator::store::connect(&endpoints).await?;
+    let client = hcmoco_coordinator::store::connect(&endpoints, patience).await?;
     let coordinator = Coordinator::standby();
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
@@ -241,7 +245,7 @@ async fn main() {
 
 async fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Serve { listen, etcd, etcd_prefix, advertise, election_ttl_secs } => {
+        Cmd::Serve { listen, etcd, etcd_prefix, advertise, election_ttl_secs, etcd_connect_timeout_secs } => {
             let listener =
                 tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("cannot listen on {listen}"))?;
             let local = listener.local_addr()?;
@@ -249,7 +253,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
             if !etcd.is_empty() {
                 anyhow::ensure!(election_ttl_secs >= 1, "--election-ttl-secs must be at least 1");
                 let advertise = advertise.unwrap_or_else(|| local.to_string());
-                return serve_with_etcd(listener, etcd, etcd_prefix, advertise, election_ttl_secs).await;
+                let patience = std::time::Duration::try_from_secs_f64(etcd_connect_timeout_secs).map_err(|_| {
+                    anyhow::anyhow!("--etcd-connect-timeout-secs {etcd_connect_timeout_secs}: expected seconds >= 0")
+                })?;
+                return serve_with_etcd(listener, etcd, etcd_prefix, advertise, election_ttl_secs, patience).await;
             }
             let shutdown = CancellationToken::new();
             let on_signal = shutdown.clone();

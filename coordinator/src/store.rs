@@ -95,12 +95,12 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-/// How long `connect` keeps trying.
+/// How long `connect` keeps trying by default (`hcmoco serve --etcd-connect-timeout-secs`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Connects to etcd, retrying for a bounded time; the error names the endpoints.
-pub async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
+/// Connects to etcd, retrying for up to `patience`; the error names the endpoints.
+pub async fn connect(endpoints: &[String], patience: Duration) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + patience;
     let opts =
         || ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(5));
     let mut attempts = 0;
@@ -115,9 +115,8 @@ pub async fn connect(endpoints: &[String]) -> anyhow::Result<Client> {
         };
         if Instant::now() >= deadline {
             anyhow::bail!(
-                "cannot reach etcd at {} after {attempts} attempts over {:.0?}: {err}",
-                endpoints.join(","),
-                CONNECT_TIMEOUT
+                "cannot reach etcd at {} after {attempts} attempts over {patience:.0?}: {err}",
+                endpoints.join(",")
             );
         }
         tracing::warn!(endpoints = %endpoints.join(","), error = %err, "etcd not reachable yet, retrying");

@@ -360,3 +360,19 @@ fn data_convert_coco_from_the_command_line() {
         .expect("inspect");
     assert!(String::from_utf8_lossy(&inspect.stdout).contains("coco13"));
 }
+
+/// `hcmoco serve --etcd` with etcd unreachable gives up after its bounded retries, exits non-zero,
+/// and names the endpoints.
+#[test]
+fn serve_with_an_unreachable_etcd_exits_naming_the_endpoints() {
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let started = std::time::Instant::now();
+    let out = Command::new(bin("hcmoco"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--etcd", &endpoint, "--etcd-connect-timeout-secs", "2"])
+        .output()
+        .expect("run hcmoco serve");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("cannot reach etcd") && err.contains(&endpoint) && err.contains("attempts"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "gave up after {:?}", started.elapsed());
+}
