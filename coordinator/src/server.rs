@@ -17,6 +17,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// How often heartbeat leases are checked.
 pub const REAP_EVERY: Duration = Duration::from_millis(250);
 
+/// Every call to JobService and WorkerService is answered by the leader only: a standby refuses it
+/// with `Unavailable` naming the leader (`Coordinator::serving`).
+fn leader_only(
+    coordinator: Coordinator,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |req| coordinator.serving().map(|()| req)
+}
+
 /// Serves JobService, WorkerService, gRPC health and reflection on `listener` until `shutdown`.
 pub async fn run(listener: TcpListener, coordinator: Coordinator, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
@@ -53,8 +61,14 @@ pub async fn run(listener: TcpListener, coordinator: Coordinator, shutdown: Canc
     let serve = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(JobServiceServer::new(JobApi { coordinator: coordinator.clone(), shutdown: shutdown.clone() }))
-        .add_service(WorkerServiceServer::new(WorkerApi::new(coordinator)))
+        .add_service(JobServiceServer::with_interceptor(
+            JobApi { coordinator: coordinator.clone(), shutdown: shutdown.clone() },
+            leader_only(coordinator.clone()),
+        ))
+        .add_service(WorkerServiceServer::with_interceptor(
+            WorkerApi::new(coordinator.clone()),
+            leader_only(coordinator),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
     // Shutdown drains in-flight calls (a rendezvous long poll, a status stream), bounded by a grace period.
     let grace = async {

@@ -40,7 +40,6 @@ type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + S
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::SubmitJob::try_from(req.into_inner())?;
         let id = match &req.resume {
             None => self.coordinator.submit(req.config)?,
@@ -51,20 +50,17 @@ impl JobService for JobApi {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
-        self.coordinator.serving()?;
         let req = domain::JobRef::try_from(req.into_inner())?;
         Ok(Response::new(self.coordinator.status(&req.job_id)?))
     }
 
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.coordinator.serving()?;
         Ok(Response::new(pb::ListJobsResponse { jobs: self.coordinator.list() }))
     }
 
     type WatchJobStream = StatusStream;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
-        self.coordinator.serving()?;
         let req = domain::JobRef::try_from(req.into_inner())?;
         let mut changed = self.coordinator.subscribe(&req.job_id)?;
         let coordinator = self.coordinator.clone();
@@ -97,7 +93,6 @@ impl JobService for JobApi {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::CancelJob::try_from(req.into_inner())?;
         let state = self.coordinator.cancel(&req.job_id, &req.reason)?;
         self.coordinator.persist().await?;
@@ -105,7 +100,6 @@ impl JobService for JobApi {
     }
 
     async fn scale_job(&self, req: Request<pb::ScaleJobRequest>) -> Result<Response<pb::ScaleJobResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::ScaleJob::try_from(req.into_inner())?;
         let (workers, generation) = self.coordinator.scale(req)?;
         self.coordinator.persist().await?;
@@ -116,7 +110,6 @@ impl JobService for JobApi {
         &self,
         req: Request<pb::CheckpointJobRequest>,
     ) -> Result<Response<pb::CheckpointJobResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::JobRef::try_from(req.into_inner())?;
         let steps = self.coordinator.request_checkpoint(&req.job_id)?;
         self.coordinator.persist().await?;
@@ -126,7 +119,6 @@ impl JobService for JobApi {
     type GetLedgerStream = Pin<Box<dyn Stream<Item = Result<pb::LedgerChunk, Status>> + Send + 'static>>;
 
     async fn get_ledger(&self, req: Request<pb::GetLedgerRequest>) -> Result<Response<Self::GetLedgerStream>, Status> {
-        self.coordinator.serving()?;
         let req = domain::LedgerRef::try_from(req.into_inner())?;
         let entries = self.coordinator.ledger(&req)?;
         // Chunks of a few thousand entries keep every message far below gRPC's 4 MiB default.
@@ -139,7 +131,6 @@ impl JobService for JobApi {
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::Join::try_from(req.into_inner())?;
         let resp = self.coordinator.join(req)?;
         self.coordinator.persist().await?;
@@ -150,7 +141,6 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::Rendezvous::try_from(req.into_inner())?;
         let resp = match self.coordinator.rendezvous(req, self.rendezvous_poll).await? {
             None => pb::RendezvousResponse { ready: false, ..Default::default() },
@@ -162,13 +152,11 @@ impl WorkerService for WorkerApi {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::Heartbeat::try_from(req.into_inner())?;
         Ok(Response::new(self.coordinator.heartbeat(req)?))
     }
 
     async fn fetch_work(&self, req: Request<pb::FetchWorkRequest>) -> Result<Response<pb::FetchWorkResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::FetchWork::try_from(req.into_inner())?;
         let step = req.step;
         let mut resp: pb::FetchWorkResponse = self.coordinator.fetch_work(req)?.into();
@@ -180,7 +168,6 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::ReportStepRequest>,
     ) -> Result<Response<pb::ReportStepResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::ReportStep::try_from(req.into_inner())?;
         let resp = self.coordinator.report_step(req)?;
         // The step this report commits is durable before the rank goes on.
@@ -192,7 +179,6 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::ReportFailure::try_from(req.into_inner())?;
         self.coordinator.report_failure(req)?;
         self.coordinator.persist().await?;
@@ -200,7 +186,6 @@ impl WorkerService for WorkerApi {
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
-        self.coordinator.serving()?;
         let req = domain::Leave::try_from(req.into_inner())?;
         let resp = self.coordinator.leave(req)?;
         self.coordinator.persist().await?;

@@ -135,6 +135,46 @@ struct Report {
 }
 
 impl Job {
+    /// A pending job with no workers and nothing committed; the resolved job file is kept as text
+    /// (what workers receive).
+    fn new(id: JobId, config: JobConfig, plan: DataPlan) -> Job {
+        let now = unix_ms();
+        Job {
+            id,
+            config_toml: config.to_toml(),
+            target: config.workers.max,
+            config,
+            plan,
+            state: JobState::Pending,
+            message: String::new(),
+            workers: Vec::new(),
+            index: HashMap::new(),
+            by_addr: HashMap::new(),
+            waiting: 0,
+            members_back: 0,
+            members_absent: 0,
+            generation: None,
+            next: None,
+            released: Vec::new(),
+            quorum_since: None,
+            committed_steps: 0,
+            pending_reports: BTreeMap::new(),
+            latest: None,
+            latest_checkpoint: String::new(),
+            committed_checkpoint: None,
+            checkpoint_after: None,
+            ledger: Ledger::default(),
+            events: VecDeque::new(),
+            skipped_samples: 0,
+            submitted_unix_ms: now,
+            updated_unix_ms: now,
+            changed: watch::channel(0).0,
+            membership: watch::channel(0).0,
+            durable: 1,
+            persisted: 0,
+        }
+    }
+
     fn touch(&mut self) {
         self.updated_unix_ms = unix_ms();
         self.changed.send_modify(|v| *v += 1);
@@ -746,52 +786,29 @@ impl Job {
             })
             .collect();
         ledger.skipped = r.ledger_skipped.into_iter().collect();
-        let mut job = Job {
-            id: JobId(r.id),
-            config_toml: r.config_toml,
-            config,
-            plan,
-            state,
-            message: r.message,
-            workers: Vec::new(),
-            index: HashMap::new(),
-            by_addr: HashMap::new(),
-            waiting: 0,
-            members_back: 0,
-            members_absent: 0,
-            generation: None,
-            next: None,
-            released: Vec::new(),
-            target: r.target,
-            quorum_since: None,
-            committed_steps: r.committed_steps,
-            pending_reports: BTreeMap::new(),
-            latest: None,
-            latest_checkpoint: r.latest_checkpoint,
-            committed_checkpoint: r.committed_checkpoint,
-            checkpoint_after: None,
-            ledger,
-            events: r
-                .events
-                .into_iter()
-                .map(|e| pb::JobEvent {
-                    unix_ms: e.unix_ms,
-                    kind: e.kind,
-                    generation: e.generation,
-                    worker_id: e.worker_id,
-                    rank: e.rank,
-                    reason: e.reason,
-                    step: e.step,
-                })
-                .collect(),
-            skipped_samples: r.skipped_samples,
-            submitted_unix_ms: r.submitted_unix_ms,
-            updated_unix_ms: unix_ms(),
-            changed: watch::channel(0).0,
-            membership: watch::channel(0).0,
-            durable: 1,
-            persisted: 1,
-        };
+        let mut job = Job::new(JobId(r.id), config, plan);
+        job.state = state;
+        job.message = r.message;
+        job.target = r.target;
+        job.committed_steps = r.committed_steps;
+        job.latest_checkpoint = r.latest_checkpoint;
+        job.committed_checkpoint = r.committed_checkpoint;
+        job.ledger = ledger;
+        job.events = r
+            .events
+            .into_iter()
+            .map(|e| pb::JobEvent {
+                unix_ms: e.unix_ms,
+                kind: e.kind,
+                generation: e.generation,
+                worker_id: e.worker_id,
+                rank: e.rank,
+                reason: e.reason,
+                step: e.step,
+            })
+            .collect();
+        job.skipped_samples = r.skipped_samples;
+        job.submitted_unix_ms = r.submitted_unix_ms;
         for w in r.workers {
             job.add_worker(Worker {
                 id: WorkerId(w.id),
@@ -1028,41 +1045,7 @@ impl Coordinator {
         let mut inner = self.lock();
         inner.next_job += 1;
         let id = JobId(format!("job-{}", inner.next_job));
-        let now = unix_ms();
-        let job = Job {
-            id: id.clone(),
-            config_toml: config.to_toml(),
-            target: config.workers.max,
-            config,
-            plan,
-            state: JobState::Pending,
-            message: String::new(),
-            workers: Vec::new(),
-            index: HashMap::new(),
-            by_addr: HashMap::new(),
-            waiting: 0,
-            members_back: 0,
-            members_absent: 0,
-            generation: None,
-            next: None,
-            released: Vec::new(),
-            quorum_since: None,
-            committed_steps: 0,
-            pending_reports: BTreeMap::new(),
-            latest: None,
-            latest_checkpoint: String::new(),
-            committed_checkpoint: None,
-            checkpoint_after: None,
-            ledger: Ledger::default(),
-            events: VecDeque::new(),
-            skipped_samples: 0,
-            submitted_unix_ms: now,
-            updated_unix_ms: now,
-            changed: watch::channel(0).0,
-            membership: watch::channel(0).0,
-            durable: 1,
-            persisted: 0,
-        };
+        let job = Job::new(id.clone(), config, plan);
         tracing::info!(job = %id, name = %job.config.name, steps = job.config.steps, "job submitted");
         inner.jobs.insert(id.clone(), job);
         Ok(id)
@@ -1768,12 +1751,23 @@ mod tests {
         let mut cfg = config(f, n.min(2), n);
         cfg.steps = 12;
         let job = c.submit(cfg).expect("submit");
-        let ws: Vec<WorkerId> = (0..n).map(|i| join(c, &job, "h", 1001 + i as u16)).collect();
+        let ws = first_generation(c, &job, n).await;
+        (job, ws)
+    }
+
+    /// `n` workers join `job` (one host) and rendezvous at once into its first generation.
+    async fn first_generation(c: &Coordinator, job: &JobId, n: u32) -> Vec<WorkerId> {
+        let ws: Vec<WorkerId> = (0..n).map(|i| join(c, job, "h", 1001 + i as u16)).collect();
         let polls: Vec<_> = ws.iter().map(|w| spawn_rdv(c, rdv(w))).collect();
         for p in polls {
             member(p.await.expect("task").expect("rdv"));
         }
-        (job, ws)
+        ws
+    }
+
+    async fn first_pair(c: &Coordinator, job: &JobId) -> (WorkerId, WorkerId) {
+        let ws = first_generation(c, job, 2).await;
+        (ws[0].clone(), ws[1].clone())
     }
 
     async fn running_pair(c: &Coordinator, f: &Fixture) -> (JobId, WorkerId, WorkerId) {
@@ -1821,10 +1815,7 @@ mod tests {
         let f = fixture(12); // 12 samples, global batch 5: steps of 5, 5, 2 per epoch
         let c = Coordinator::new();
         let job = c.submit(config(&f, 2, 2)).expect("submit");
-        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
-        let pb_ = spawn_rdv(&c, rdv(&b));
-        member(c.rendezvous(rdv(&a), Duration::from_secs(1)).await.expect("rdv"));
-        member(pb_.await.expect("task").expect("rdv"));
+        let (a, b) = first_pair(&c, &job).await;
         let wa = work(&c, &a, 1, 0);
         let wb = work(&c, &b, 1, 0);
         assert_eq!(wa.global_slots, 0..5);
@@ -1892,10 +1883,7 @@ mod tests {
         let mut cfg = config(&f, 2, 2);
         cfg.workers.below_min_timeout_ms = 0;
         let job = c.submit(cfg).expect("submit");
-        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
-        let pb_ = spawn_rdv(&c, rdv(&b));
-        member(c.rendezvous(rdv(&a), Duration::from_secs(1)).await.expect("rdv"));
-        member(pb_.await.expect("task").expect("rdv"));
+        let (a, b) = first_pair(&c, &job).await;
         tokio::time::advance(Duration::from_secs(10)).await;
         c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 1 }, step: 0 }).expect("hb");
         c.reap(Instant::now());
@@ -1983,10 +1971,7 @@ mod tests {
         let mut cfg = config(&f, 1, 3);
         cfg.steps = 12;
         let job = c.submit(cfg).expect("submit");
-        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
-        let pa = spawn_rdv(&c, rdv(&a));
-        member(c.rendezvous(rdv(&b), Duration::from_secs(5)).await.expect("rdv"));
-        member(pa.await.expect("task").expect("rdv"));
+        let (a, b) = first_pair(&c, &job).await;
         train(&c, &a, 1, 0).expect("report");
         work(&c, &a, 1, 1); // a prefetched step 1
         let j = join(&c, &job, "h2", 2001);
@@ -2081,10 +2066,7 @@ mod tests {
         let mut cfg = config(&f, 1, 2);
         cfg.steps = 12;
         let job = c.submit(cfg).expect("submit");
-        let (a, b) = (join(&c, &job, "h", 1001), join(&c, &job, "h", 1002));
-        let pa = spawn_rdv(&c, rdv(&a));
-        member(c.rendezvous(rdv(&b), Duration::from_secs(5)).await.expect("rdv"));
-        member(pa.await.expect("task").expect("rdv"));
+        let (a, b) = first_pair(&c, &job).await;
         for s in 0..3 {
             train(&c, &a, 1, s).expect("report");
             train(&c, &b, 1, s).expect("report");
