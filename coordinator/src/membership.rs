@@ -33,6 +33,12 @@ pub(crate) struct Worker {
     pub latest: Option<StepMetrics>,
     /// It called `Leave`: it finishes the steps before the boundary and is no candidate after.
     pub leaving: bool,
+    /// Found gone while the next generation forms after a break: its collective listener refused a
+    /// connection, so its process has exited and the rejoin window does not wait for it. Runtime
+    /// only, cleared when a generation is sealed, as is `probed`.
+    pub gone: bool,
+    /// Its collective address was probed during this break.
+    pub probed: bool,
 }
 
 /// What a worker brings to a rendezvous.

@@ -46,7 +46,13 @@ pub async fn run(listener: TcpListener, coordinator: Coordinator, shutdown: Canc
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {
                         if coordinator.serving().is_ok() {
-                            coordinator.reap(tokio::time::Instant::now());
+                            let now = tokio::time::Instant::now();
+                            coordinator.reap(now);
+                            let targets = coordinator.probe_targets(now);
+                            if !targets.is_empty() {
+                                let coordinator = coordinator.clone();
+                                tokio::spawn(async move { coordinator.probe(targets).await });
+                            }
                             if let Err(e) = coordinator.persist().await {
                                 tracing::warn!(error = %e.message(), "persisting after the lease check failed");
                             }

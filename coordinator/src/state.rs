@@ -266,7 +266,7 @@ impl Job {
             for m in &g.members {
                 match self.index.get(m).map(|&i| &self.workers[i]) {
                     None => absent += 1,
-                    Some(w) if w.leaving => absent += 1,
+                    Some(w) if w.leaving || (w.gone && w.offer.is_none()) => absent += 1,
                     Some(w) if w.offer.is_some() => back += 1,
                     Some(_) => {}
                 }
@@ -291,6 +291,9 @@ impl Job {
             _ => {}
         }
         self.workers[i].offer = offer;
+        if self.workers[i].gone {
+            self.recount_members(); // back after all: counted as back, no longer as absent
+        }
     }
 
     fn rank_of(&self, id: &WorkerId) -> Option<u32> {
@@ -393,6 +396,9 @@ impl Job {
         for &i in &order {
             self.set_offer(i, None);
         }
+        for w in &mut self.workers {
+            (w.gone, w.probed) = (false, false);
+        }
         self.ledger.open(number, members.iter().map(|m| m.0.clone()).collect(), start_step);
         self.pending_reports.clear();
         self.generation = Some(generation);
@@ -401,6 +407,46 @@ impl Job {
         let world = members.len();
         self.event("generation", None, format!("world {world}"), start_step);
         tracing::info!(job = %self.id, generation = number, world, start_step, "generation sealed");
+        self.membership_changed();
+    }
+
+    /// Members of the generation being formed after a break that are neither back nor known gone,
+    /// once the window has been open for `PROBE_AFTER`: their collective addresses, to probe. Each
+    /// is probed once per break.
+    fn to_probe(&mut self, now: Instant) -> Vec<(WorkerId, String)> {
+        let Some(next) = self.next.as_ref().filter(|n| !n.drain()) else { return Vec::new() };
+        if next.window_from.is_none_or(|from| now < from + PROBE_AFTER) {
+            return Vec::new();
+        }
+        let Some(g) = &self.generation else { return Vec::new() };
+        let mut out = Vec::new();
+        for m in &g.members {
+            let Some(&i) = self.index.get(m) else { continue };
+            let w = &mut self.workers[i];
+            if w.offer.is_none() && !w.leaving && !w.gone && !w.probed {
+                w.probed = true;
+                out.push((w.id.clone(), w.collective_addr.clone()));
+            }
+        }
+        out
+    }
+
+    /// Records that `id`'s collective listener refused a connection: its process has exited (a live
+    /// worker keeps the listener for life), so the generation being formed does not wait the rejoin
+    /// window for it.
+    fn mark_gone(&mut self, id: &WorkerId) {
+        if !self.next.as_ref().is_some_and(|n| !n.drain()) {
+            return;
+        }
+        let Some(i) = self.pos(id) else { return };
+        if self.workers[i].gone || self.workers[i].offer.is_some() {
+            return;
+        }
+        self.workers[i].gone = true;
+        self.recount_members();
+        let addr = self.workers[i].collective_addr.clone();
+        let step = self.committed_steps;
+        self.event("gone", Some(id), format!("nothing listens at its collective address {addr}"), step);
         self.membership_changed();
     }
 
@@ -460,8 +506,12 @@ impl Job {
         }
         let g = self.generation.as_ref().expect("checked above");
         // Old members still registered and not leaving, in old rank order; those back in a rendezvous.
-        let old: Vec<usize> =
-            g.members.iter().filter_map(|m| self.pos(m)).filter(|&i| !self.workers[i].leaving).collect();
+        let old: Vec<usize> = g
+            .members
+            .iter()
+            .filter_map(|m| self.pos(m))
+            .filter(|&i| !self.workers[i].leaving && !(self.workers[i].gone && self.workers[i].offer.is_none()))
+            .collect();
         let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
         if arrived.len() < old.len() && now < rejoin_deadline {
             return Some(rejoin_deadline);
@@ -821,6 +871,8 @@ impl Job {
                 reported_steps: w.reported_steps,
                 latest: None,
                 leaving: w.leaving,
+                gone: false,
+                probed: false,
             });
         }
         if let Some(g) = r.generation {
@@ -912,6 +964,29 @@ impl Default for Coordinator {
 
 /// How long one rendezvous long poll waits before answering `ready = false`.
 pub const RENDEZVOUS_POLL: Duration = Duration::from_secs(10);
+
+/// How long a break's rejoin window has been open before the members not back are probed (the
+/// survivors of a failure are usually back within milliseconds; the probe is for the others).
+pub const PROBE_AFTER: Duration = Duration::from_millis(50);
+/// How long a probe waits for a connection to be refused; anything slower proves nothing.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A member to probe: its job and collective address.
+#[derive(Debug, Clone)]
+pub struct ProbeTarget {
+    job: JobId,
+    worker: WorkerId,
+    addr: String,
+}
+
+/// Whether nothing listens at `addr`: a refused connection. A timeout or any other error (a host
+/// down, a partition, a policy that drops packets) proves nothing and answers false.
+async fn refused(addr: &str) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
 
 impl Coordinator {
     pub fn new() -> Self {
@@ -1236,6 +1311,8 @@ impl Coordinator {
             reported_steps: 0,
             latest: None,
             leaving: false,
+            gone: false,
+            probed: false,
         });
         if job.state == JobState::Running {
             // Admitted at its first rendezvous (a drain opens then), so it is waiting when the
@@ -1560,6 +1637,43 @@ impl Coordinator {
         let inner = self.lock();
         let job = inner.jobs.get(&req.job_id).ok_or_else(|| CoordError::NoJob(req.job_id.clone()))?;
         Ok(job.ledger.entries(&job.plan, req.epoch, job.committed_steps))
+    }
+
+    /// Members to probe: after a break, those not back once the rejoin window has been open for
+    /// `PROBE_AFTER`, each once per break (`Job::to_probe`).
+    pub fn probe_targets(&self, now: Instant) -> Vec<ProbeTarget> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for job in inner.jobs.values_mut().filter(|j| j.state == JobState::Running) {
+            for (worker, addr) in job.to_probe(now) {
+                out.push(ProbeTarget { job: job.id.clone(), worker, addr });
+            }
+        }
+        out
+    }
+
+    /// Connects to each target's collective address (a kill -9 closes a worker's listener, and its
+    /// host then refuses the connection) and marks the refused ones gone, so the next generation
+    /// forms without waiting the rejoin window for them. A live worker's listener takes the
+    /// connection and drops it as one without a hello.
+    pub async fn probe(&self, targets: Vec<ProbeTarget>) {
+        let mut probes = tokio::task::JoinSet::new();
+        for t in targets {
+            probes.spawn(async move { refused(&t.addr).await.then_some(t) });
+        }
+        while let Some(done) = probes.join_next().await {
+            if let Ok(Some(t)) = done {
+                self.mark_gone(&t.job, &t.worker);
+            }
+        }
+    }
+
+    /// Marks `worker` of `job` gone (`Job::mark_gone`).
+    pub fn mark_gone(&self, job: &JobId, worker: &WorkerId) {
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.get_mut(job) {
+            job.mark_gone(worker);
+        }
     }
 
     /// Applies heartbeat leases and rendezvous deadlines: a silent member of a running generation is
@@ -1960,6 +2074,69 @@ mod tests {
         slots.sort_unstable();
         assert_eq!(slots, (0..40).collect::<Vec<_>>());
         assert!(ledger.iter().all(|e| (e.step < 2) == (e.generation == 1)));
+    }
+
+    /// A member whose collective address refuses connections (its process has exited) is probed
+    /// once the window has been open a moment, found gone, and not waited for: the survivors form
+    /// the next generation as soon as they are back. A false finding costs the worker one generation:
+    /// it comes back in through the next one, and nothing is lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_member_found_gone_is_not_waited_for() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let (job, ws) = running(&c, &f, 3).await;
+        for w in &ws {
+            train(&c, w, 1, 0).expect("report");
+        }
+        c.report_failure(ReportFailure {
+            call: WorkerCall { worker_id: ws[0].clone(), generation: 1 },
+            step: 1,
+            message: "peer rank 2 closed the connection".into(),
+            failed_rank: Some(2),
+            fatal: false,
+        })
+        .expect("report failure");
+        let t0 = Instant::now();
+        let held = Some(HeldState { applied_steps: 1, can_undo: true });
+        let r0 = spawn_rdv(&c, rdv_with(&ws[0], 1, held));
+        let r1 = spawn_rdv(&c, rdv_with(&ws[1], 1, held));
+        tokio::task::yield_now().await;
+        assert!(c.probe_targets(Instant::now()).is_empty(), "too early to probe");
+        tokio::time::advance(PROBE_AFTER).await;
+        let targets = c.probe_targets(Instant::now());
+        let probed: Vec<(&WorkerId, &str)> = targets.iter().map(|t| (&t.worker, t.addr.as_str())).collect();
+        assert_eq!(probed, [(&ws[2], "127.0.0.1:1003")], "only the member not back");
+        assert!(c.probe_targets(Instant::now()).is_empty(), "once per break");
+        c.mark_gone(&job, &ws[2]);
+        let m0 = member(r0.await.expect("task").expect("rdv"));
+        let m1 = member(r1.await.expect("task").expect("rdv"));
+        assert!(t0.elapsed() < Duration::from_millis(100), "sealed at once, not after the rejoin window");
+        assert_eq!((m0.generation, m0.world, m0.rank, m1.rank, m0.start_step), (2, 2, 0, 1, 1));
+        let st = c.status(&job).expect("status");
+        assert!(st.events.iter().any(|e| e.kind == "gone" && e.worker_id == ws[2].0), "{:?}", st.events);
+        // Rank 2 was alive after all: its rendezvous makes it a joiner of generation 3.
+        let r2 = spawn_rdv(&c, rdv_with(&ws[2], 1, Some(HeldState { applied_steps: 1, can_undo: true })));
+        tokio::task::yield_now().await;
+        // Nobody fetched a step of generation 2 yet: the drain boundary is its first step.
+        assert_eq!(fetch(&c, &ws[0], 2, 1).expect("answer"), Work::Rendezvous);
+        assert_eq!(fetch(&c, &ws[1], 2, 1).expect("answer"), Work::Rendezvous);
+        let r0 = spawn_rdv(&c, rdv_with(&ws[0], 2, held));
+        let m1 = member(c.rendezvous(rdv_with(&ws[1], 2, held), Duration::from_secs(5)).await.expect("rdv"));
+        let m0 = member(r0.await.expect("task").expect("rdv"));
+        let m2 = member(r2.await.expect("task").expect("rdv"));
+        assert_eq!((m0.generation, m0.world, m1.generation, m2.generation, m2.start_step), (3, 3, 3, 3, 1));
+        train(&c, &ws[2], 3, 1).expect("the worker once found gone trains again");
+    }
+
+    /// The probe's evidence: a refused connection where nothing listens; a live listener is not gone.
+    #[tokio::test]
+    async fn a_probe_tells_a_closed_address_from_a_live_listener() {
+        let live = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let closed_addr = closed.local_addr().expect("addr").to_string();
+        drop(closed);
+        assert!(refused(&closed_addr).await);
+        assert!(!refused(&live.local_addr().expect("addr").to_string()).await);
     }
 
     /// A joiner while running: the members train on to the first step none of them fetched, then form

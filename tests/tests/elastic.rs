@@ -165,6 +165,8 @@ fn a_killed_worker_of_three_is_survived_and_nothing_is_lost_or_repeated() {
     assert_eq!((end.committed_steps, end.world_size), (24, 2));
     assert!(end.generation >= 2, "a second generation formed");
     assert!(end.events.iter().any(|e| e.kind == "evicted" || e.kind == "lost"), "{:?}", end.events);
+    // Its closed listener proved it dead: the survivors did not wait out the rejoin window.
+    assert!(end.events.iter().any(|e| e.kind == "gone"), "{:?}", end.events);
     for (i, w) in workers.iter_mut().enumerate() {
         if i != victim {
             let code = w.proc.wait(Duration::from_secs(60)).expect("exits");
