@@ -41,6 +41,13 @@ pub(crate) struct Worker {
     pub probed: bool,
 }
 
+impl Worker {
+    /// Found gone and not back since: the forming generation does not wait for it.
+    pub fn gone_for_now(&self) -> bool {
+        self.gone && self.offer.is_none()
+    }
+}
+
 /// What a worker brings to a rendezvous.
 #[derive(Debug, Clone)]
 pub(crate) struct Offer {

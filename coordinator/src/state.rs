@@ -266,7 +266,7 @@ impl Job {
             for m in &g.members {
                 match self.index.get(m).map(|&i| &self.workers[i]) {
                     None => absent += 1,
-                    Some(w) if w.leaving || (w.gone && w.offer.is_none()) => absent += 1,
+                    Some(w) if w.leaving || w.gone_for_now() => absent += 1,
                     Some(w) if w.offer.is_some() => back += 1,
                     Some(_) => {}
                 }
@@ -413,7 +413,7 @@ impl Job {
     /// Members of the generation being formed after a break that are neither back nor known gone,
     /// once the window has been open for `PROBE_AFTER`: their collective addresses, to probe. Each
     /// is probed once per break.
-    fn to_probe(&mut self, now: Instant) -> Vec<(WorkerId, String)> {
+    fn due_for_probe(&mut self, now: Instant) -> Vec<(WorkerId, String)> {
         let Some(next) = self.next.as_ref().filter(|n| !n.drain()) else { return Vec::new() };
         if next.window_from.is_none_or(|from| now < from + PROBE_AFTER) {
             return Vec::new();
@@ -435,7 +435,7 @@ impl Job {
     /// worker keeps the listener for life), so the generation being formed does not wait the rejoin
     /// window for it.
     fn mark_gone(&mut self, id: &WorkerId) {
-        if !self.next.as_ref().is_some_and(|n| !n.drain()) {
+        if self.next.as_ref().is_none_or(|n| n.drain()) {
             return;
         }
         let Some(i) = self.pos(id) else { return };
@@ -510,7 +510,7 @@ impl Job {
             .members
             .iter()
             .filter_map(|m| self.pos(m))
-            .filter(|&i| !self.workers[i].leaving && !(self.workers[i].gone && self.workers[i].offer.is_none()))
+            .filter(|&i| !self.workers[i].leaving && !self.workers[i].gone_for_now())
             .collect();
         let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
         if arrived.len() < old.len() && now < rejoin_deadline {
@@ -1640,12 +1640,12 @@ impl Coordinator {
     }
 
     /// Members to probe: after a break, those not back once the rejoin window has been open for
-    /// `PROBE_AFTER`, each once per break (`Job::to_probe`).
+    /// `PROBE_AFTER`, each once per break (`Job::due_for_probe`).
     pub fn probe_targets(&self, now: Instant) -> Vec<ProbeTarget> {
         let mut inner = self.lock();
         let mut out = Vec::new();
         for job in inner.jobs.values_mut().filter(|j| j.state == JobState::Running) {
-            for (worker, addr) in job.to_probe(now) {
+            for (worker, addr) in job.due_for_probe(now) {
                 out.push(ProbeTarget { job: job.id.clone(), worker, addr });
             }
         }

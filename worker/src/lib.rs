@@ -32,6 +32,7 @@ pub mod loader;
 pub mod loss;
 pub mod loss_eval;
 pub mod model;
+pub mod objective;
 pub mod optim;
 pub mod run;
 pub mod semgcn;

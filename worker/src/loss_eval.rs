@@ -1,6 +1,7 @@
 //! `hcmoco-worker loss-eval`: the in-batch objective of the method page (stage 2: every term) on given
 //! features, as one process holding the whole batch, with the gradients of the total. It lets anyone
-//! check another implementation of the objective against ours (docs/loss-eval.md).
+//! check another implementation of the objective against ours (docs/loss-eval.md). The objective is
+//! the code that trains: `objective::Assembly::run`, the assembly `Trainer::step` runs, in a world of one.
 //!
 //! Inputs (B samples, D features (128 in the model), J joints, an h x w dense map, P cells), all float
 //! inputs in one dtype, float32 or float64 (the outputs follow it):
@@ -9,11 +10,17 @@
 //! optionally `has_kp` uint8 B (default: every sample has keypoints).
 //! Outputs: the eleven terms, `loss_total`, and `grad_<input>` for the six float inputs.
 
+use std::net::TcpListener;
 use std::path::Path;
+use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::loss::{TERMS, cell_features, dicl_share, sample_level_share, sscl_part1_share, sscl_part2_share};
+use crate::batch::Batch;
+use crate::comm::{CommError, CpuCommunicator, CpuOptions, PeerInfo, connect_cpu_with};
+use crate::loss::{TERMS, cell_features};
+use crate::objective::{Assembly, DenseForward, Forward};
+use crate::train::{Objective, StepError, Variant};
 
 /// Names of the required inputs, in the order they are checked.
 pub const REQUIRED: [&str; 10] = [
@@ -67,6 +74,8 @@ pub enum LossEvalError {
     Shape { name: String, got: Vec<i64>, expected: String },
     #[error("input {name}: {detail}")]
     Value { name: String, detail: String },
+    #[error("evaluating the objective failed")]
+    Objective(#[source] StepError),
 }
 
 /// The validated inputs, on the CPU.
@@ -307,12 +316,12 @@ fn where_set(v: &[bool]) -> Vec<i64> {
 }
 
 /// The outputs: the eleven terms (0-dim), `loss_total` (0-dim) and the six gradients, in the inputs'
-/// float dtype.
-pub fn evaluate(inputs: &Inputs, tau: f64) -> Vec<(String, Tensor)> {
+/// float dtype. The objective is the one `Trainer::step` trains with (`objective::Assembly`), run
+/// in a world of one on the given features instead of the encoders' outputs; the terms are summed in
+/// float64, as the step sums them.
+pub fn evaluate(inputs: &Inputs, tau: f64) -> Result<Vec<(String, Tensor)>, LossEvalError> {
     let kind = inputs.z_rgb.kind();
     let b = inputs.z_rgb.size()[0];
-    let j = inputs.joints;
-    let d = inputs.z_rgb.size()[1];
     let leaf = |t: &Tensor| t.detach().copy().set_requires_grad(true);
     let leaves: [Tensor; 6] = [
         leaf(&inputs.z_rgb),
@@ -324,81 +333,87 @@ pub fn evaluate(inputs: &Inputs, tau: f64) -> Vec<(String, Tensor)> {
     ];
     let [z_rgb, z_depth, z_kp, dense_rgb, dense_depth, g_kp] = &leaves;
 
-    // The six sample-level terms: every sample has RGB; depth and keypoints per the flags.
-    let has = [vec![true; b as usize], inputs.has_depth.clone(), inputs.has_kp.clone()];
-    let z = [z_rgb.shallow_clone(), z_depth.shallow_clone(), z_kp.shallow_clone()];
-    let sample = sample_level_share(&z, &has, 0..b as usize, tau);
-
-    // Samples with depth, and visible joints.
+    // The features as the step's forward pass hands them over: depth rows of the samples with depth
+    // only, and each joint's cell features.
     let depth_rows = where_set(&inputs.has_depth);
-    let nd = depth_rows.len();
     let depth_idx = Tensor::from_slice(&depth_rows);
-    let vis = Tensor::from_slice(&inputs.joint_vis).view([b, j]);
-    let vis_d = vis.index_select(0, &depth_idx);
-    let visible_all = inputs.joint_vis.iter().filter(|&&v| v).count();
-    let visible_depth: Vec<bool> =
-        depth_rows.iter().flat_map(|&s| &inputs.joint_vis[(s * j) as usize..((s + 1) * j) as usize]).copied().collect();
-    let visible_d = visible_depth.iter().filter(|&&v| v).count();
-
-    // DICL over the samples with depth: P anchors each.
-    let p = inputs.pixel_idx.size()[1];
-    let (dicl_r2d, dicl_d2r) = dicl_share(
-        &dense_rgb.index_select(0, &depth_idx),
-        &dense_depth.index_select(0, &depth_idx),
-        &inputs.pixel_idx.index_select(0, &depth_idx),
-        tau,
-        p as usize * nd,
-    );
-
-    // SSCL part 1: RGB joint features of every sample, depth joint features of samples with depth.
-    let feat_r = cell_features(dense_rgb, &inputs.joint_cells); // B x J x D
-    let feat_d =
-        cell_features(&dense_depth.index_select(0, &depth_idx), &inputs.joint_cells.index_select(0, &depth_idx));
-    let sscl_r2k = sscl_part1_share(&feat_r, g_kp, &vis, tau, visible_all);
-    let sscl_d2k = sscl_part1_share(&feat_d, &g_kp.index_select(0, &depth_idx), &vis_d, tau, visible_d);
-
-    // SSCL part 2: r_j of every visible joint, then d_j of every visible joint of samples with depth.
-    let vis_flat = where_set(&inputs.joint_vis);
-    let vis_d_flat = where_set(&visible_depth);
-    let rows = Tensor::cat(
-        &[
-            feat_r.reshape([b * j, d]).index_select(0, &Tensor::from_slice(&vis_flat)),
-            feat_d.reshape([nd as i64 * j, d]).index_select(0, &Tensor::from_slice(&vis_d_flat)),
-        ],
-        0,
-    );
-    let joint: Vec<i64> = vis_flat.iter().chain(&vis_d_flat).map(|&f| f % j).collect();
-    let (sscl_cross, _) = sscl_part2_share(&rows, &joint, &vec![true; joint.len()], tau);
-
-    let dense_terms = [dicl_r2d, dicl_d2r, sscl_r2k, sscl_d2k, sscl_cross];
-    let mut total = sample.total.shallow_clone();
-    for t in &dense_terms {
-        total += t;
-    }
-    let grads: Vec<Tensor> = if total.requires_grad() {
-        Tensor::run_backward(&[&total], &leaves, false, false)
-            .into_iter()
-            .zip(&leaves)
-            .map(|(g, l)| if g.defined() { g } else { l.zeros_like() })
-            .collect()
-    } else {
-        leaves.iter().map(Tensor::zeros_like).collect()
+    let f_depth = (!depth_rows.is_empty()).then(|| dense_depth.index_select(0, &depth_idx));
+    let cell_depth = f_depth.as_ref().map(|f| cell_features(f, &inputs.joint_cells.index_select(0, &depth_idx)));
+    let fwd = Forward {
+        z_rgb: z_rgb.shallow_clone(),
+        z_depth: (!depth_rows.is_empty()).then(|| z_depth.index_select(0, &depth_idx)),
+        z_kp: z_kp.shallow_clone(),
+        dense: Some(DenseForward {
+            cell_rgb: cell_features(dense_rgb, &inputs.joint_cells),
+            f_rgb: dense_rgb.shallow_clone(),
+            f_depth,
+            g: g_kp.shallow_clone(),
+            cell_depth,
+        }),
     };
+    // The per-sample fields the objective reads; DICL anchors on every sample with depth.
+    let none = || Tensor::zeros([0], (kind, Device::Cpu));
+    let batch = Batch {
+        rgb: none(),
+        depth: none(),
+        keypoints: none(),
+        has_depth: inputs.has_depth.clone(),
+        has_keypoints: inputs.has_kp.clone(),
+        ids: (0..b).collect(),
+        slots: (0..b as u64).collect(),
+        epoch: 0,
+        joint_cells: inputs.joint_cells.shallow_clone(),
+        joint_visible: inputs.joint_vis.clone(),
+        dicl_rows: (0..depth_rows.len() as i64).collect(),
+        dicl_cells: inputs.pixel_idx.index_select(0, &depth_idx),
+        depth_rows,
+    };
+    let objective = Objective { stage: 2, variant: Variant::InBatch, temperature: tau, negatives: 0, seed: 0 };
+    let mut comm = world_of_one()?;
+    let mut comm_time = Duration::ZERO;
+    let assembly = Assembly { objective: &objective, banks: None, joints: inputs.joints };
+    let assembled = assembly.run(&mut comm, &fwd, &batch, None, &mut comm_time).map_err(LossEvalError::Objective)?;
 
     let scalar = |v: f64| Tensor::from(v).to_kind(kind);
-    let mut out: Vec<(String, Tensor)> = Vec::with_capacity(TERM_OUTPUTS.len() + 1 + GRAD_INPUTS.len());
+    let (terms, grads): (Vec<f64>, Vec<Tensor>) = match assembled {
+        // No sample at all: nothing to read, every term 0.
+        None => (vec![0.0; TERM_OUTPUTS.len()], leaves.iter().map(Tensor::zeros_like).collect()),
+        Some(a) => {
+            let terms = Vec::<f64>::try_from(&Tensor::cat(&a.values, 0).to_kind(Kind::Double))
+                .map_err(|e| LossEvalError::Objective(StepError::Tensor(format!("reading the terms: {e}"))))?;
+            let grads = if a.surrogate.requires_grad() {
+                Tensor::run_backward(&[&a.surrogate], &leaves, false, false)
+                    .into_iter()
+                    .zip(&leaves)
+                    .map(|(g, l)| if g.defined() { g } else { l.zeros_like() })
+                    .collect()
+            } else {
+                leaves.iter().map(Tensor::zeros_like).collect()
+            };
+            (terms, grads)
+        }
+    };
     debug_assert!(TERMS.iter().zip(&TERM_OUTPUTS).all(|((n, _, _), o)| o.ends_with(n)));
-    for (name, v) in TERM_OUTPUTS.iter().zip(sample.terms()) {
+    debug_assert_eq!(terms.len(), TERM_OUTPUTS.len());
+    let mut out: Vec<(String, Tensor)> = Vec::with_capacity(TERM_OUTPUTS.len() + 1 + GRAD_INPUTS.len());
+    for (name, &v) in TERM_OUTPUTS.iter().zip(&terms) {
         out.push((name.to_string(), scalar(v)));
     }
-    for (name, t) in TERM_OUTPUTS[6..].iter().zip(&dense_terms) {
-        out.push((name.to_string(), t.detach().copy()));
-    }
-    out.push(("loss_total".into(), total.detach().copy()));
+    out.push(("loss_total".into(), scalar(terms.iter().sum())));
     for (name, g) in GRAD_INPUTS.iter().zip(grads) {
         out.push((format!("grad_{name}"), g.detach().contiguous()));
     }
-    out
+    Ok(out)
+}
+
+/// The communicator of a world of one: the same ring code, with no neighbour.
+fn world_of_one() -> Result<CpuCommunicator, LossEvalError> {
+    let comm_error = |e: CommError| LossEvalError::Objective(StepError::Comm(e));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr().map(|a| (l, a.to_string())))
+        .map_err(|source| comm_error(CommError::Local { op: "bind a loopback listener", source }))?;
+    let peers = [PeerInfo { addr: listener.1, host_id: "loss-eval".into() }];
+    connect_cpu_with(listener.0, 0, &peers, 1, &CpuOptions::default()).map_err(comm_error)
 }
 
 /// Reads `input`, evaluates, writes `output`; returns the term values and the total, by name.
@@ -406,7 +421,7 @@ pub fn run(input: &Path, output: &Path, tau: f64) -> Result<Vec<(String, f64)>, 
     let tensors = Tensor::read_safetensors(input)
         .map_err(|source| LossEvalError::Read { path: input.display().to_string(), source })?;
     let inputs = Inputs::from_named(tensors)?;
-    let out = evaluate(&inputs, tau);
+    let out = evaluate(&inputs, tau)?;
     Tensor::write_safetensors(&out, output)
         .map_err(|source| LossEvalError::Write { path: output.display().to_string(), source })?;
     Ok(out.iter().filter(|(n, _)| n.starts_with("loss_")).map(|(n, t)| (n.clone(), t.double_value(&[]))).collect())
@@ -456,7 +471,7 @@ mod tests {
     #[test]
     fn unread_rows_may_hold_anything_and_get_zero_gradients() {
         let inputs = Inputs::from_named(named()).expect("valid inputs");
-        let out = evaluate(&inputs, 0.07);
+        let out = evaluate(&inputs, 0.07).expect("evaluate");
         let get = |name: &str| out.iter().find(|(n, _)| n == name).map(|(_, t)| t).expect("output");
         let total = get("loss_total").double_value(&[]);
         let sum: f64 = TERM_OUTPUTS.iter().map(|n| get(n).double_value(&[])).sum();
