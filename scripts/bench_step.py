@@ -131,7 +131,8 @@ def main():
         sync()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            out = model(batch["rgb"], depth_in, batch["keypoints"])
+            # Stage 1 reads no dense map: neither side computes one (ours skips the dense heads too).
+            out = model(batch["rgb"], depth_in, batch["keypoints"], dense=args.stage == 2)
         out = {k: v.float() for k, v in out.items()}
         loss = objective(out, batch, args.stage, banks, args.negatives)
         opt.zero_grad(set_to_none=True)

@@ -10,7 +10,9 @@
 # one GPU, so multi-rank failure cannot be exercised here) and, if $HCMOCO_WORKER_TESTS names a carried
 # test binary of hcmoco-worker, its comm::nccl tests; if $HCMOCO_BIN names a carried `hcmoco`, a few
 # training steps on CUDA with the NCCL backend (scripts/gpu-check-job.toml). Output goes to stdout and, when $OUT is set, to
-# $OUT/gpu-check.txt. Exit status: nccl-check's (124 when it timed out).
+# $OUT/gpu-check.txt. Exit status: 0 only when every part that ran passed; otherwise the first failing
+# part's status (124 when it timed out). Keep the output: copy $OUT/gpu-check.txt into
+# docs/gpu-logs/DATE/ beside docs/gpu-checks.md.
 set -uo pipefail
 # shellcheck source=scripts/device-env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/device-env.sh"
@@ -39,24 +41,30 @@ check() {
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   ldd "$bin" | grep "not found" || echo "all shared libraries of the binary resolve"
 
+  rc=0
+  # Records a part's status; the first failure is the script's.
+  part_done() {
+    echo "== $1 exit status $2"
+    if [ "$2" -ne 0 ] && [ "$rc" -eq 0 ]; then rc=$2; fi
+  }
   echo "== hcmoco-worker nccl-check"
   timeout -k 10 300 "$bin" nccl-check
-  rc=$?
-  echo "== nccl-check exit status $rc"
+  part_done nccl-check $?
   if [ -x "${HCMOCO_BIN:-}" ]; then
     echo "== training on CUDA with the NCCL backend: hcmoco launch --local --workers 1 (scripts/gpu-check-job.toml)"
     local out="${OUT:-/tmp}/gpu-train"
     rm -rf "$out"
     HCMOCO_LOG=info timeout -k 10 240 "$HCMOCO_BIN" launch --local --workers 1 \
       --job-file scripts/gpu-check-job.toml --worker-bin "$bin" --out "$out"
-    echo "== training exit status $?"
+    part_done training $?
     tail -n 40 "$out"/logs/*.log 2>/dev/null || ls -R "$out" | head -40
   fi
   if [ -n "${HCMOCO_WORKER_TESTS:-}" ]; then
     echo "== $HCMOCO_WORKER_TESTS comm::nccl"
     timeout -k 10 120 "$HCMOCO_WORKER_TESTS" comm::nccl
-    echo "== tests exit status $?"
+    part_done "comm::nccl tests" $?
   fi
+  echo "== gpu-check exit status $rc"
   return "$rc"
 }
 

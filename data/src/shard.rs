@@ -1175,7 +1175,11 @@ mod tests {
     // Fuzz corpus: `data/fuzz/corpus/{shard,member}`, replayed here so CI (stable) covers it.
 
     fn corpus_dir(target: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
+        // The directory cargo names when it runs the test, not the one compiled in: a target directory
+        // shared between checkouts may hold a test binary built in another, since deleted, one.
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+        dir.join("fuzz/corpus").join(target)
     }
 
     fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {

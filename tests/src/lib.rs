@@ -27,6 +27,15 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
+/// A file of this test crate (`python/...`). The directory comes from the environment cargo sets when
+/// it runs the test, not from the path compiled in: a target directory shared between checkouts (CI's
+/// cache) may hold a test binary built in another, since deleted, checkout.
+pub fn crate_file(relative: &str) -> PathBuf {
+    let dir =
+        std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join(relative)
+}
+
 /// Locates a workspace binary (`hcmoco` or `hcmoco-worker`).
 pub fn bin(name: &str) -> PathBuf {
     let var = if name == "hcmoco-worker" { "HCMOCO_WORKER_BIN" } else { "HCMOCO_BIN" };

@@ -258,8 +258,14 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
     let s2 = tmp.path().join("s2");
     let (ok, text) = launch(&job, &s2, &["--stage", "2", "--init-checkpoint", &init]);
     assert!(ok, "stage 2: {text}");
+    // The final status lists every term with its value (`[rgb_depth 2.2095, ..., sscl_cross 3.1]`):
+    // every stage-2 term was trained, with anchors, so its value is finite and positive.
     for term in ["dicl_r2d", "dicl_d2r", "sscl_r2k", "sscl_d2k", "sscl_cross"] {
-        assert!(text.contains(term), "stage 2 reports {term}: {text}");
+        let needle = format!("{term} ");
+        let at = text.find(&needle).unwrap_or_else(|| panic!("stage 2 reports {term}: {text}"));
+        let value: String = text[at + needle.len()..].chars().take_while(|c| !matches!(c, ',' | ']' | ' ')).collect();
+        let value: f64 = value.parse().unwrap_or_else(|e| panic!("{term} = {value:?}: {e}"));
+        assert!(value.is_finite() && value > 0.0, "{term} = {value}: {text}");
     }
     let log = std::fs::read_to_string(s2.join("logs/worker-0.log")).expect("worker log");
     assert!(log.contains("initialised from") && log.contains("step-00000006"), "{log}");

@@ -1,6 +1,6 @@
 //! Weights move between us and PyTorch: `hcmoco-worker export` writes the RGB encoder of a checkpoint in
 //! a form timm's `hrnet_w18` loads strictly, and timm computes the same four branch maps as our forward
-//! pass and as `hcmoco-worker encode` (fp32, max abs diff <= 1e-4). Also: our BatchNorm training updates
+//! pass and as `hcmoco-worker encode` (fp32, max abs diff <= 1e-5 of each map's largest value). Also: our BatchNorm training updates
 //! (momentum 0.01, counters) match PyTorch's, the bilinear fuse mode matches bilinear upsampling in
 //! PyTorch, and a GroupNorm export matches timm with its BatchNorm layers swapped for GroupNorm as
 //! `docs/export.md` describes. And (no Python needed) bad weight and input files are refused with the tensor names listed.
@@ -77,7 +77,7 @@ fn get<'a>(set: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
 
 /// Weights with O(1) activations: He-normal convolutions, random affine and running statistics (the
 /// official init, std 0.001 with BatchNorm running statistics at 0/1, would give near-zero outputs in
-/// evaluation mode and make a 1e-4 tolerance meaningless).
+/// evaluation mode and make the tolerance meaningless).
 fn randomise(vars: &[(String, Tensor)]) {
     tch::no_grad(|| {
         for (name, t) in vars {
@@ -184,7 +184,7 @@ fn timm_hrnet_w18_loads_our_rgb_export_and_agrees() {
     let gn_export = tmp.path().join("rgb-gn.safetensors");
     hcmoco_worker::export::export(&gn_dir, ImageModality::Rgb, &gn_export).expect("export the GroupNorm encoder");
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/timm_interop.py");
+    let script = hcmoco_tests::crate_file("python/timm_interop.py");
     let out = Command::new(&python)
         .arg(&script)
         .args(["--before", path_arg(&before_path), "--export", path_arg(&export_path)])
@@ -215,16 +215,21 @@ fn timm_hrnet_w18_loads_our_rgb_export_and_agrees() {
         eprintln!(
             "{name}: max |x| {scale:.3}, ours-timm {d_ours:.2e}, encode-timm {d_encode:.2e}, bilinear {d_bilinear:.2e}"
         );
-        assert!(d_ours <= 1e-4, "{name}: our forward and timm's differ by {d_ours}");
-        assert!(d_encode <= 1e-4, "{name}: encode and timm differ by {d_encode}");
-        assert!(d_bilinear <= 1e-4, "{name}: bilinear mode and PyTorch bilinear differ by {d_bilinear}");
+        // Relative to the map's largest value (same libtorch kernels on both sides: 0 on this machine).
+        let tol = 1e-5 * scale;
+        assert!(d_ours <= tol, "{name}: our forward and timm's differ by {d_ours}");
+        assert!(d_encode <= tol, "{name}: encode and timm differ by {d_encode}");
+        assert!(d_bilinear <= tol, "{name}: bilinear mode and PyTorch bilinear differ by {d_bilinear}");
         let modes = max_abs_diff(t_near, t_bil);
         assert!(modes > 1e-2, "{name}: nearest and bilinear fuse layers should differ ({modes})");
         let t_gn = get(&timm, &format!("gn.{name}"));
         let d_gn = max_abs_diff(&ours_gn[b], t_gn);
         let gn_scale = t_gn.abs().max().double_value(&[]);
         eprintln!("{name} GroupNorm: max |x| {gn_scale:.3}, ours-timm {d_gn:.2e}");
-        assert!(gn_scale > 1.0 && d_gn <= 1e-4, "{name}: GroupNorm encoder and timm+GroupNorm differ by {d_gn}");
+        assert!(
+            gn_scale > 1.0 && d_gn <= 1e-5 * gn_scale,
+            "{name}: GroupNorm encoder and timm+GroupNorm differ by {d_gn}"
+        );
     }
 
     // Training-mode BatchNorm: same running statistics and counters as PyTorch from the same start.
@@ -236,7 +241,8 @@ fn timm_hrnet_w18_loads_our_rgb_export_and_agrees() {
             assert_eq!((theirs.int64_value(&[]), ours.kind()), (3, Kind::Int64), "{name}");
             continue;
         }
-        let d = max_abs_diff(theirs, ours) / (1.0 + theirs.abs().max().double_value(&[]));
+        // Relative to the tensor's largest value (a statistic that is all zeros must match exactly).
+        let d = max_abs_diff(theirs, ours) / theirs.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
         if d > worst.0 {
             worst = (d, name.clone());
         }
@@ -326,7 +332,7 @@ fn export_and_encode_refuse_bad_files_by_name() {
 fn timm_weights_initialise_our_rgb_backbone() {
     let python = venv_python();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/timm_weights.py");
+    let script = hcmoco_tests::crate_file("python/timm_weights.py");
     let out = Command::new(&python).arg(&script).arg(tmp.path()).output().expect("run python");
     assert!(out.status.success(), "timm_weights.py failed: {}", String::from_utf8_lossy(&out.stderr));
 
@@ -344,7 +350,7 @@ fn timm_weights_initialise_our_rgb_backbone() {
         let diff = (ours - theirs).abs().max().double_value(&[]);
         let scale = theirs.abs().max().double_value(&[]);
         assert!(scale > 1e-3, "branch {}: timm's map is trivially small", i + 1);
-        assert!(diff <= 1e-4, "branch {}: max abs diff {diff:e}", i + 1);
+        assert!(diff <= 1e-5 * scale, "branch {}: max abs diff {diff:e} (max |x| {scale:e})", i + 1);
     }
     // The depth backbone has one input channel: timm's RGB stem is refused by name.
     let err =

@@ -22,7 +22,7 @@ const W: i64 = 8;
 const P: i64 = 12;
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/loss_parity.py")
+    hcmoco_tests::crate_file("python/loss_parity.py")
 }
 
 /// splitmix64, for inputs that do not depend on libtorch's global generator (tests run in parallel).

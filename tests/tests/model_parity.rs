@@ -28,7 +28,7 @@ use tch::{Device, Kind, Tensor};
 const TOL: f64 = 1e-9;
 
 fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/model_parity.py")
+    hcmoco_tests::crate_file("python/model_parity.py")
 }
 
 fn norm_name(norm: Norm) -> &'static str {

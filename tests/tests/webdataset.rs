@@ -128,7 +128,7 @@ fn python_webdataset_reads_our_shards() {
     let mut shards: Vec<&PathBuf> = expected.iter().map(|(p, _, _)| p).collect();
     shards.dedup();
     assert_eq!(shards.len(), 4);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/read_webdataset.py");
+    let script = hcmoco_tests::crate_file("python/read_webdataset.py");
     let out = Command::new(&python).arg(&script).args(&shards).output().expect("run python");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

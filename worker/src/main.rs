@@ -370,7 +370,10 @@ fn main() {
             BenchCmd::Loader { manifest, threads, samples, batch, image_size } => {
                 hcmoco_worker::bench::run_loader(&manifest, threads, samples, batch, image_size)
             }
-            BenchCmd::Rank { rank, op, args } => args.spec(&op).and_then(|s| hcmoco_worker::bench::run_rank(&s, rank)),
+            BenchCmd::Rank { rank, op, args } => args
+                .spec(&op)
+                .and_then(|s| hcmoco_worker::bench::run_rank(&s, rank))
+                .map_err(|e| e.context(format!("rank {rank} failed"))),
             BenchCmd::Step(a) => a.spec().and_then(|s| hcmoco_worker::bench_step::run(&s)),
         },
         Cmd::Export { checkpoint, modality, output } => modality

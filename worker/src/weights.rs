@@ -146,9 +146,11 @@ pub fn load_into(path: &Path, vars: &[(String, Tensor)]) -> anyhow::Result<Metad
     Ok(metadata)
 }
 
-/// A CPU, contiguous copy of a tensor, serialisable by the safetensors crate.
+/// A tensor's bytes on the host, serialisable by the safetensors crate. The bytes are copied when
+/// the view is made, where a failed copy is an error naming the tensor (the crate's `View::data`
+/// cannot fail).
 struct HostView {
-    tensor: Tensor,
+    bytes: Vec<u8>,
     dtype: Dtype,
     shape: Vec<usize>,
 }
@@ -163,14 +165,11 @@ impl View for &HostView {
     }
 
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let mut data = vec![0u8; self.data_len()];
-        // The tensor is a contiguous CPU tensor of `numel` elements: the copy cannot fail.
-        let _ = self.tensor.f_copy_data_u8(&mut data, self.tensor.numel());
-        data.into()
+        (&self.bytes[..]).into()
     }
 
     fn data_len(&self) -> usize {
-        self.tensor.numel() * self.tensor.kind().elt_size_in_bytes()
+        self.bytes.len()
     }
 }
 
@@ -183,7 +182,11 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: &Metadata) -> 
             let tensor = t.detach().to_device(tch::Device::Cpu).contiguous();
             let dtype = Dtype::try_from(tensor.kind()).map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
             let shape = tensor.size().iter().map(|&d| d as usize).collect();
-            Ok((name.clone(), HostView { tensor, dtype, shape }))
+            let mut bytes = vec![0u8; tensor.numel() * tensor.kind().elt_size_in_bytes()];
+            tensor
+                .f_copy_data_u8(&mut bytes, tensor.numel())
+                .with_context(|| format!("tensor {name}: cannot copy its data to the host"))?;
+            Ok((name.clone(), HostView { bytes, dtype, shape }))
         })
         .collect::<anyhow::Result<Vec<_>>>()
         .with_context(|| format!("cannot write {}", path.display()))?;

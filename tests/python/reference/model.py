@@ -38,10 +38,10 @@ class ImageEncoder(nn.Module):
         up = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
         return self.dense_head(torch.cat([maps[0], *up], dim=1))
 
-    def forward(self, x):
-        """-> (branch maps, global embedding, dense map)."""
+    def forward(self, x, dense=True):
+        """-> (branch maps, global embedding, dense map, or None without `dense`)."""
         maps = self.backbone(x)
-        return maps, self.global_embedding(maps), self.dense(maps)
+        return maps, self.global_embedding(maps), self.dense(maps) if dense else None
 
 
 class KeypointEncoder(nn.Module):
@@ -77,12 +77,17 @@ class HCMoCoModel(nn.Module):
         self.depth = ImageEncoder(backbone, 1, embed_dim, norm, groups, upsample)
         self.kp = KeypointEncoder(layout, embed_dim, keypoint_hidden, keypoint_blocks, norm, groups)
 
-    def forward(self, rgb, depth, keypoints):
+    def forward(self, rgb, depth, keypoints, dense=True):
         """-> dict of `z_rgb`, `dense_rgb`, `z_depth`, `dense_depth`, `z_kp`, `g_kp` (before normalisation).
-        `depth` may be None (no depth in the batch)."""
-        _, z_rgb, dense_rgb = self.rgb(rgb)
-        out = {"z_rgb": z_rgb, "dense_rgb": dense_rgb}
+        `depth` may be None (no depth in the batch). Without `dense` (stage 1, whose terms do not read
+        them) the dense maps are not computed and are left out of the dict."""
+        _, z_rgb, dense_rgb = self.rgb(rgb, dense)
+        out = {"z_rgb": z_rgb}
+        if dense:
+            out["dense_rgb"] = dense_rgb
         if depth is not None:
-            _, out["z_depth"], out["dense_depth"] = self.depth(depth)
+            _, out["z_depth"], dense_depth = self.depth(depth, dense)
+            if dense:
+                out["dense_depth"] = dense_depth
         out["z_kp"], out["g_kp"] = self.kp(keypoints)
         return out
