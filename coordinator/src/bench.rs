@@ -31,14 +31,16 @@ struct Bench {
 
 async fn setup(workers: u32, connections: usize, heartbeat_timeout_ms: u64) -> anyhow::Result<Bench> {
     let data = tempfile::tempdir()?;
-    let cfg = hcmoco_data::SynthConfig { samples: 8, image_size: 16, ..Default::default() };
+    // The global batch must give every simulated worker a sample (`global_batch >= workers.max`).
+    let samples = u64::from(workers).max(8);
+    let cfg = hcmoco_data::SynthConfig { samples, image_size: 16, ..Default::default() };
     hcmoco_data::generate(&cfg, data.path())?;
     let manifest = data.path().join("manifest.json");
     let mut job =
         JobConfig::from_toml(&format!("[[data.datasets]]\nmanifest = {:?}\n", manifest.display().to_string()))?;
     job.workers.min = workers;
     job.workers.max = workers;
-    job.global_batch = 8;
+    job.global_batch = samples;
     job.heartbeat.timeout_ms = heartbeat_timeout_ms;
     job.rendezvous.settle_ms = 60_000;
     let coordinator = Coordinator::new();

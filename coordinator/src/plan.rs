@@ -123,6 +123,11 @@ impl DataPlan {
         self.total
     }
 
+    /// Slots of one epoch (every dataset's share).
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
     pub fn global_batch(&self) -> u64 {
         self.global_batch
     }

@@ -979,6 +979,15 @@ pub struct ProbeTarget {
     addr: String,
 }
 
+/// Whether `path` is a step directory (`step-N`) directly in the job's `checkpoint.dir`, compared by
+/// path components, with no `..`: what a worker reports as a step's checkpoint.
+fn is_step_dir_of(dir: &str, path: &str) -> bool {
+    let path = std::path::Path::new(path);
+    !path.components().any(|c| c == std::path::Component::ParentDir)
+        && path.parent() == Some(std::path::Path::new(dir))
+        && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-"))
+}
+
 /// Whether nothing listens at `addr`: a refused connection. A timeout or any other error (a host
 /// down, a partition, a policy that drops packets) proves nothing and answers false.
 async fn refused(addr: &str) -> bool {
@@ -1117,6 +1126,17 @@ impl Coordinator {
         let weights: Option<Vec<f64>> = config.data.datasets.iter().map(|d| d.weight).collect();
         let plan = DataPlan::new(config.seed, config.global_batch, sizes, weights.as_deref())
             .map_err(|e| domain::FieldError::new("spec_toml: data.datasets", e.to_string()))?;
+        if config.global_batch > plan.total() {
+            return Err(domain::FieldError::new(
+                "spec_toml: global_batch",
+                format!(
+                    "{} is more than an epoch: the job's datasets hold {} samples",
+                    config.global_batch,
+                    plan.total()
+                ),
+            )
+            .into());
+        }
         let mut inner = self.lock();
         inner.next_job += 1;
         let id = JobId(format!("job-{}", inner.next_job));
@@ -1334,14 +1354,25 @@ impl Coordinator {
         Ok(resp)
     }
 
+    /// Runs `f` on the job of `call`'s worker (its lease renewed), after checking the call's generation.
     fn with_worker_job<T>(
         &self,
-        worker: &WorkerId,
+        call: &WorkerCall,
         f: impl FnOnce(&mut Job, &mut Vec<WorkerId>) -> Result<T, CoordError>,
     ) -> Result<T, CoordError> {
+        let worker = &call.worker_id;
         let mut inner = self.lock();
         let job_id = inner.worker_jobs.get(worker).cloned().ok_or_else(|| CoordError::NoWorker(worker.clone()))?;
         let job = inner.jobs.get_mut(&job_id).ok_or(CoordError::NoJob(job_id))?;
+        // No worker can hold a generation the job has not opened: a number beyond it is a bad request.
+        let live = job.live_number();
+        if call.generation > live {
+            return Err(domain::FieldError::new(
+                "generation",
+                format!("{} is beyond job {}'s current generation {live}", call.generation, job.id),
+            )
+            .into());
+        }
         let w = job.worker_mut(worker)?;
         w.last_seen = Instant::now();
         w.last_seen_unix_ms = unix_ms();
@@ -1356,7 +1387,7 @@ impl Coordinator {
     /// One rendezvous attempt: the assignment if a generation has taken the worker in, else when to
     /// look again and a receiver that fires on a membership change.
     fn try_rendezvous(&self, req: &domain::Rendezvous, now: Instant) -> Result<Attempt, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job, dropped| {
+        self.with_worker_job(&req.call, |job, dropped| {
             let me = &req.call.worker_id;
             if job.state.is_terminal() {
                 return Err(job.ended().into());
@@ -1455,7 +1486,7 @@ impl Coordinator {
     }
 
     pub fn heartbeat(&self, req: domain::Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job, _| {
+        self.with_worker_job(&req.call, |job, _| {
             // Completed jobs end through FetchWork (`done`); a stop is for failed or cancelled ones.
             let stop = matches!(job.state, JobState::Failed | JobState::Cancelled);
             Ok(pb::HeartbeatResponse {
@@ -1468,7 +1499,7 @@ impl Coordinator {
     }
 
     pub fn fetch_work(&self, req: domain::FetchWork) -> Result<Work, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job, _| {
+        self.with_worker_job(&req.call, |job, _| {
             match job.state {
                 JobState::Failed | JobState::Cancelled => return Ok(Work::Ended(job.ended_because())),
                 JobState::Completed => return Ok(Work::Done),
@@ -1519,7 +1550,7 @@ impl Coordinator {
     }
 
     pub fn report_step(&self, req: domain::ReportStep) -> Result<pb::ReportStepResponse, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job, _| {
+        self.with_worker_job(&req.call, |job, _| {
             if job.state.is_terminal() {
                 return Err(job.ended().into());
             }
@@ -1544,6 +1575,15 @@ impl Coordinator {
                     job.current_number(),
                     n.boundary
                 )));
+            }
+            if let Some(ckpt) = &req.checkpoint
+                && !is_step_dir_of(&job.config.checkpoint.dir, ckpt)
+            {
+                return Err(domain::FieldError::new(
+                    "checkpoint",
+                    format!("{ckpt:?} is not a step directory of checkpoint.dir {:?}", job.config.checkpoint.dir),
+                )
+                .into());
             }
             let w = job.worker_mut(&req.call.worker_id)?;
             w.reported_steps = w.reported_steps.max(step + 1);
@@ -1570,7 +1610,7 @@ impl Coordinator {
     }
 
     pub fn report_failure(&self, req: domain::ReportFailure) -> Result<(), CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job, _| {
+        self.with_worker_job(&req.call, |job, _| {
             // A report from an earlier generation must not touch the current one (0: before any).
             let current = job.current_number();
             if req.call.generation != 0 && req.call.generation != current {
@@ -1604,7 +1644,7 @@ impl Coordinator {
 
     /// A member leaving on purpose: it trains the steps before the answer, then exits.
     pub fn leave(&self, req: domain::Leave) -> Result<pb::LeaveResponse, CoordError> {
-        self.with_worker_job(&req.call.worker_id, |job, dropped| {
+        self.with_worker_job(&req.call, |job, dropped| {
             let me = req.call.worker_id.clone();
             let step = job.committed_steps;
             if job.rank_of(&me).is_none() || job.state != JobState::Running {
@@ -1935,8 +1975,8 @@ mod tests {
         assert_eq!(wa.global_slots, 0..5);
         assert_eq!((wa.local_slots.clone(), wb.local_slots.clone()), (0..2, 2..5));
         assert_eq!(wa.samples.len() + wb.samples.len(), 5);
-        // Stale generation, out-of-window steps: refused; a stale generation with a typed error.
-        assert!(matches!(fetch(&c, &a, 2, 0), Err(CoordError::Call(CallError::StaleGeneration { current: 1, .. }))));
+        // A generation never opened, out-of-window steps: refused (the first as an invalid field).
+        assert!(matches!(fetch(&c, &a, 2, 0), Err(CoordError::Invalid(e)) if e.field == "generation"));
         assert!(fetch(&c, &a, 1, 2).is_ok(), "a loader may prefetch");
         assert!(matches!(fetch(&c, &a, 1, 3), Err(CoordError::Precondition(_))));
         // A step commits only when both ranks reported it, with slices that tile its batch.
@@ -2303,6 +2343,51 @@ mod tests {
         assert_eq!(c.status(&job).expect("status").workers.len(), 2, "the released worker is gone");
     }
 
+    /// The wire is untrusted: a generation the job never opened, and a checkpoint outside the job's
+    /// `checkpoint.dir`, are refused naming the field; the job is untouched.
+    #[tokio::test(start_paused = true)]
+    async fn calls_beyond_the_generation_or_outside_the_checkpoint_dir_are_invalid() {
+        let f = fixture(40);
+        let c = Coordinator::new();
+        let mut cfg = config(&f, 1, 1);
+        cfg.checkpoint.dir = "/runs/x/checkpoints".into();
+        let job = c.submit(cfg).expect("submit");
+        let a = join(&c, &job, "h", 1001);
+        member(c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv"));
+        let invalid = |r: Result<_, CoordError>, field: &str| match r {
+            Err(CoordError::Invalid(e)) => assert_eq!(e.field, field, "{e}"),
+            other => panic!("expected an invalid {field}, got {other:?}"),
+        };
+        invalid(c.rendezvous(rdv_with(&a, u64::MAX, None), Duration::from_secs(1)).await.map(|_| ()), "generation");
+        invalid(
+            c.heartbeat(Heartbeat { call: WorkerCall { worker_id: a.clone(), generation: 2 }, step: 0 }).map(|_| ()),
+            "generation",
+        );
+        let w = work(&c, &a, 1, 0);
+        for bad in ["/etc/passwd", "/runs/x/checkpoints/../../etc", "/runs/x/step-00000001", "checkpoints/step-1"] {
+            invalid(report_slice(&c, &a, 1, 0, w.local_slots.clone(), Some(bad.into())).map(|_| ()), "checkpoint");
+        }
+        let st = c.status(&job).expect("status");
+        assert_eq!((st.committed_steps, st.latest_checkpoint.as_str()), (0, ""));
+        let good = Some("/runs/x/checkpoints/step-00000001".to_string());
+        report_slice(&c, &a, 1, 0, w.local_slots, good).expect("a step directory of checkpoint.dir");
+        assert_eq!(c.status(&job).expect("status").latest_checkpoint, "/runs/x/checkpoints/step-00000001");
+    }
+
+    /// A global batch larger than an epoch is refused at submission, naming the key.
+    #[test]
+    fn a_global_batch_beyond_the_epoch_is_refused() {
+        let f = fixture(12);
+        let mut cfg = config(&f, 1, 1);
+        cfg.global_batch = 13;
+        match Coordinator::new().submit(cfg) {
+            Err(CoordError::Invalid(e)) => {
+                assert!(e.field.contains("global_batch") && e.reason.contains("12 samples"), "{e}")
+            }
+            other => panic!("expected an invalid global_batch, got {other:?}"),
+        }
+    }
+
     /// With no survivor holding the committed state, the committed checkpoint is restored and the
     /// steps after it are rolled back (ledger truncated).
     #[tokio::test(start_paused = true)]
@@ -2312,6 +2397,7 @@ mod tests {
         let mut cfg = config(&f, 1, 1);
         cfg.steps = 12;
         cfg.heartbeat.timeout_ms = 1_000;
+        cfg.checkpoint.dir = "/ckpt".into();
         let job = c.submit(cfg).expect("submit");
         let a = join(&c, &job, "h", 1001);
         member(c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv"));

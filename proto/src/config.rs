@@ -167,6 +167,12 @@ pub enum Dtype {
 /// The image encoders `model.backbone` names.
 pub const BACKBONES: [&str; 2] = ["hrnet_w18", "hrnet_small"];
 
+/// Upper bounds of the job's counts: far beyond any real run, low enough that a typo (or a hostile
+/// file) cannot ask for a plan, a pending job or an allocation nobody could ever serve.
+pub const MAX_STEPS: u64 = 1_000_000_000;
+pub const MAX_WORKERS: u32 = 100_000;
+pub const MAX_GLOBAL_BATCH: u64 = 1 << 24;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -450,22 +456,35 @@ impl JobConfig {
         toml::to_string(self).unwrap_or_else(|e| format!("# unserialisable config: {e}\n"))
     }
 
-    /// Checks every value against its allowed range; the error names the key.
+    /// Checks every value against its allowed range; the error names the key. The global batch is
+    /// checked against the datasets' epoch at submission, where their sizes are known.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.name.trim().is_empty() {
             return Err(ConfigError::invalid("name", "must not be empty"));
         }
-        if self.steps == 0 {
-            return Err(ConfigError::invalid("steps", "must be at least 1"));
-        }
-        if self.global_batch == 0 {
-            return Err(ConfigError::invalid("global_batch", "must be at least 1"));
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(ConfigError::invalid("steps", format!("must be in 1..={MAX_STEPS}")));
         }
         if self.workers.min == 0 {
             return Err(ConfigError::invalid("workers.min", "must be at least 1"));
         }
         if self.workers.max < self.workers.min {
             return Err(ConfigError::invalid("workers.max", format!("must be >= workers.min ({})", self.workers.min)));
+        }
+        if self.workers.max > MAX_WORKERS {
+            return Err(ConfigError::invalid("workers.max", format!("must be at most {MAX_WORKERS}")));
+        }
+        // The in-batch objective needs a negative for every anchor, and every rank a sample.
+        let least = u64::from(self.workers.max).max(2);
+        if self.global_batch < least || self.global_batch > MAX_GLOBAL_BATCH {
+            return Err(ConfigError::invalid(
+                "global_batch",
+                format!(
+                    "must be in {least}..={MAX_GLOBAL_BATCH}: at least 2 (the in-batch objective needs negatives) \
+                     and at least workers.max = {} (every rank trains a sample)",
+                    self.workers.max
+                ),
+            ));
         }
         if self.data.datasets.is_empty() {
             return Err(ConfigError::invalid(
@@ -627,6 +646,11 @@ mod tests {
         for (extra, key) in [
             ("steps = 0\n", "steps"),
             ("global_batch = 0\n", "global_batch"),
+            ("global_batch = 1\n", "global_batch"),
+            ("global_batch = 9223372036854775807\n", "global_batch"),
+            ("global_batch = 3\n[workers]\nmin = 1\nmax = 4\n", "global_batch"),
+            ("steps = 9223372036854775807\n", "steps"),
+            ("[workers]\nmin = 4000000000\nmax = 4000000000\n", "workers.max"),
             ("[workers]\nmin = 3\nmax = 2\n", "workers.max"),
             ("[model]\nnorm = \"group\"\ngroups = 0\n", "model.groups"),
             ("[model]\nbackbone = \"resnet50\"\n", "model.backbone"),

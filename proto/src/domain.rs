@@ -292,13 +292,6 @@ fn valid_device(device: &str) -> bool {
 impl TryFrom<pb::StepMetrics> for StepMetrics {
     type Error = FieldError;
     fn try_from(m: pb::StepMetrics) -> Result<Self, FieldError> {
-        let finite = |field: &str, v: f64| {
-            if v.is_finite() {
-                Ok(v)
-            } else {
-                Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not finite")))
-            }
-        };
         let time = |field: &str, v: f64| {
             if v.is_finite() && v >= 0.0 {
                 Ok(v)
@@ -306,12 +299,20 @@ impl TryFrom<pb::StepMetrics> for StepMetrics {
                 Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not a non-negative number")))
             }
         };
+        // A contrastive term is a cross-entropy: never below 0 (beyond rounding).
+        let loss = |field: &str, v: f64| {
+            if v.is_finite() && v >= -1e-6 {
+                Ok(v)
+            } else {
+                Err(FieldError::new(format!("metrics.{field}"), format!("{v} is not a loss (finite, >= 0)")))
+            }
+        };
         let mut loss_terms = BTreeMap::new();
         for (k, v) in m.loss_terms {
             if k.is_empty() {
                 return Err(FieldError::new("metrics.loss_terms", "term names must not be empty"));
             }
-            let v = finite(&format!("loss_terms.{k}"), v)?;
+            let v = loss(&format!("loss_terms.{k}"), v)?;
             loss_terms.insert(k, v);
         }
         let device = m.device.trim().to_string();
@@ -320,7 +321,7 @@ impl TryFrom<pb::StepMetrics> for StepMetrics {
         }
         Ok(StepMetrics {
             step: m.step,
-            loss_total: finite("loss_total", m.loss_total)?,
+            loss_total: loss("loss_total", m.loss_total)?,
             loss_terms,
             samples_per_sec: time("samples_per_sec", m.samples_per_sec)?,
             step_ms: time("step_ms", m.step_ms)?,
@@ -863,6 +864,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field_of(ReportStep::try_from(gpu)), "metrics.device");
+        let absurd = pb::ReportStepRequest {
+            worker_id: "w-1".into(),
+            generation: 1,
+            metrics: Some(pb::StepMetrics { loss_total: -1e308, ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(field_of(ReportStep::try_from(absurd)), "metrics.loss_total");
+        let mut terms = std::collections::HashMap::new();
+        terms.insert("dicl_r2d".to_string(), f64::NAN);
+        let nan = pb::ReportStepRequest {
+            worker_id: "w-1".into(),
+            generation: 1,
+            metrics: Some(pb::StepMetrics { loss_terms: terms, ..Default::default() }),
+            ..Default::default()
+        };
+        assert_eq!(field_of(ReportStep::try_from(nan)), "metrics.loss_terms.dicl_r2d");
         let fail = pb::ReportFailureRequest {
             worker_id: "w-1".into(),
             generation: 1,
