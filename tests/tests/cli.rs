@@ -219,7 +219,7 @@ fn stage_two_starts_from_a_stage_one_run_with_its_memory_banks() {
     let job = tmp.path().join("bank.toml");
     std::fs::write(
         &job,
-        "[data]\nimage_size = 32\n[model]\nbackbone = \"hrnet_small\"\nembed_dim = 32\nkeypoint_hidden = 32\nkeypoint_blocks = 1\n\
+        "global_batch = 20\n[data]\nimage_size = 32\n[model]\nbackbone = \"hrnet_small\"\nembed_dim = 32\nkeypoint_hidden = 32\nkeypoint_blocks = 1\n\
          [loss]\nvariant = \"memory_bank\"\nnegatives = 64\ndicl_points = 50\n[runtime]\ntorch_threads = 1\n",
     )
     .expect("job file");
