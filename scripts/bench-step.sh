@@ -16,7 +16,7 @@ bin="${HCMOCO_WORKER_BIN:-${CARGO_TARGET_DIR:-$here/../target}/release/hcmoco-wo
 py="$HCMOCO_VENV/bin/python"
 ours=() theirs=()
 median_of() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-field() { sed -n 's/.*median_ms=\([0-9.]*\).*/\1/p'; }
+field() { sed -n 's/.* median_ms=\([0-9.]*\).*/\1/p'; }
 for r in $(seq 1 "$rounds"); do
   a="$("$bin" bench step "$@" | tail -n 1)"
   b="$("$py" "$here/bench_step.py" "$@" | tail -n 1)"

@@ -540,17 +540,20 @@ impl Job {
         let start = next.boundary.min(self.committed_steps);
         let holds = |i: usize| self.workers[i].offer.as_ref().and_then(|o| o.state).is_some_and(|s| s.reaches(start));
         let holder = chosen.iter().any(|&i| holds(i));
-        if !holder && arrived.len() < old.len() {
+        // Old members not back, those found gone included: a probe can be wrong (a loopback address
+        // probed from another host), and a rollback loses committed steps, so only a lease proves it.
+        let absent: Vec<usize> = g
+            .members
+            .iter()
+            .filter_map(|m| self.pos(m))
+            .filter(|&i| !self.workers[i].leaving && !arrived_set.contains(&i))
+            .collect();
+        if !holder && !absent.is_empty() {
             // The state's holders may be old members still working their way to the rendezvous (a
             // long step, a checkpoint being written): never roll back while one holds a live lease.
             // The reaper removes it when its lease runs out.
             let lease = Duration::from_millis(self.config.heartbeat.timeout_ms);
-            let expiry = old
-                .iter()
-                .filter(|i| !arrived_set.contains(i))
-                .map(|&i| self.workers[i].last_seen + lease)
-                .max()
-                .unwrap_or(now);
+            let expiry = absent.iter().map(|&i| self.workers[i].last_seen + lease).max().unwrap_or(now);
             return Some(expiry.max(now + Duration::from_millis(50)));
         }
         if (chosen.len() as u32) < self.config.workers.min {
@@ -811,7 +814,9 @@ impl Job {
     /// running job's members rendezvous again into a new generation (same members, the first
     /// uncommitted step).
     fn from_record(r: crate::record::JobRecord, now: Instant) -> Result<Job, String> {
-        let config = JobConfig::from_toml(&r.config_toml).map_err(|e| format!("job {}: config: {e}", r.id))?;
+        // Parsed, not validated again: a job stored by an earlier version must not stop a takeover
+        // because a later version tightened a limit.
+        let config = JobConfig::parse_toml(&r.config_toml).map_err(|e| format!("job {}: config: {e}", r.id))?;
         let weights: Option<Vec<f64>> = config.data.datasets.iter().map(|d| d.weight).collect();
         let plan = DataPlan::new(config.seed, config.global_batch, r.dataset_sizes.clone(), weights.as_deref())
             .map_err(|e| format!("job {}: plan: {e}", r.id))?;
@@ -980,11 +985,12 @@ pub struct ProbeTarget {
 }
 
 /// Whether `path` is a step directory (`step-N`) directly in the job's `checkpoint.dir`, compared by
-/// path components, with no `..`: what a worker reports as a step's checkpoint.
+/// path components (the worker joins the step's name to the same string): what a worker reports as a
+/// step's checkpoint. A `..` in `checkpoint.dir` itself is the user's (an absolute path keeps it); one
+/// after it has no file name, or another parent, and is refused.
 fn is_step_dir_of(dir: &str, path: &str) -> bool {
     let path = std::path::Path::new(path);
-    !path.components().any(|c| c == std::path::Component::ParentDir)
-        && path.parent() == Some(std::path::Path::new(dir))
+    path.parent() == Some(std::path::Path::new(dir))
         && path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-"))
 }
 
@@ -1376,6 +1382,10 @@ impl Coordinator {
         let w = job.worker_mut(worker)?;
         w.last_seen = Instant::now();
         w.last_seen_unix_ms = unix_ms();
+        if std::mem::take(&mut w.gone) {
+            // It calls, so it lives: the probe was wrong (it reached another host's loopback).
+            job.recount_members();
+        }
         let mut dropped = Vec::new();
         let r = f(job, &mut dropped);
         for id in dropped {
@@ -2350,7 +2360,8 @@ mod tests {
         let f = fixture(40);
         let c = Coordinator::new();
         let mut cfg = config(&f, 1, 1);
-        cfg.checkpoint.dir = "/runs/x/checkpoints".into();
+        // A `..` in checkpoint.dir is the user's (`submit ../job.toml` makes one): still accepted.
+        cfg.checkpoint.dir = "/runs/y/../x/checkpoints".into();
         let job = c.submit(cfg).expect("submit");
         let a = join(&c, &job, "h", 1001);
         member(c.rendezvous(rdv(&a), Duration::from_secs(5)).await.expect("rdv"));
@@ -2364,14 +2375,20 @@ mod tests {
             "generation",
         );
         let w = work(&c, &a, 1, 0);
-        for bad in ["/etc/passwd", "/runs/x/checkpoints/../../etc", "/runs/x/step-00000001", "checkpoints/step-1"] {
+        for bad in [
+            "/etc/passwd",
+            "/runs/y/../x/checkpoints/../../etc",
+            "/runs/y/../x/checkpoints/..",
+            "/runs/x/checkpoints/step-00000001",
+            "checkpoints/step-1",
+        ] {
             invalid(report_slice(&c, &a, 1, 0, w.local_slots.clone(), Some(bad.into())).map(|_| ()), "checkpoint");
         }
         let st = c.status(&job).expect("status");
         assert_eq!((st.committed_steps, st.latest_checkpoint.as_str()), (0, ""));
-        let good = Some("/runs/x/checkpoints/step-00000001".to_string());
-        report_slice(&c, &a, 1, 0, w.local_slots, good).expect("a step directory of checkpoint.dir");
-        assert_eq!(c.status(&job).expect("status").latest_checkpoint, "/runs/x/checkpoints/step-00000001");
+        let good = "/runs/y/../x/checkpoints/step-00000001";
+        report_slice(&c, &a, 1, 0, w.local_slots, Some(good.into())).expect("a step directory of checkpoint.dir");
+        assert_eq!(c.status(&job).expect("status").latest_checkpoint, good);
     }
 
     /// A global batch larger than an epoch is refused at submission, naming the key.

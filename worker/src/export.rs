@@ -225,7 +225,8 @@ pub fn export(checkpoint: &Path, modality: ImageModality, output: &Path) -> anyh
     let (model_path, job_path) = locate_checkpoint(checkpoint)?;
     let text = std::fs::read_to_string(&job_path)
         .with_context(|| format!("cannot read the job file {}", job_path.display()))?;
-    let cfg = JobConfig::from_toml(&text).with_context(|| format!("bad job file {}", job_path.display()))?;
+    // Parsed, not validated: a checkpoint written before a limit was tightened still exports.
+    let cfg = JobConfig::parse_toml(&text).with_context(|| format!("bad job file {}", job_path.display()))?;
     let meta = EncoderMeta::of_job(&cfg, modality).with_context(|| job_path.display().to_string())?;
     let (all, _) = weights::read(&model_path)?;
     let prefix = modality.checkpoint_prefix();
