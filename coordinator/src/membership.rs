@@ -34,18 +34,13 @@ pub(crate) struct Worker {
     /// It called `Leave`: it finishes the steps before the boundary and is no candidate after.
     pub leaving: bool,
     /// Found gone while the next generation forms after a break: its collective listener refused a
-    /// connection, so its process has exited and the rejoin window does not wait for it. Runtime
-    /// only, cleared when a generation is sealed, as is `probed`.
+    /// connection, so its process has exited and the rejoin window does not wait for it. Never set
+    /// with an `offer`: only a worker not in a rendezvous is marked, and any call it makes (a
+    /// rendezvous included) clears the mark first. Runtime only, cleared when a generation is sealed,
+    /// as is `probed`.
     pub gone: bool,
     /// Its collective address was probed during this break.
     pub probed: bool,
-}
-
-impl Worker {
-    /// Found gone and not back since: the forming generation does not wait for it.
-    pub fn gone_for_now(&self) -> bool {
-        self.gone && self.offer.is_none()
-    }
 }
 
 /// What a worker brings to a rendezvous.

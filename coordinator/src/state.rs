@@ -266,7 +266,7 @@ impl Job {
             for m in &g.members {
                 match self.index.get(m).map(|&i| &self.workers[i]) {
                     None => absent += 1,
-                    Some(w) if w.leaving || w.gone_for_now() => absent += 1,
+                    Some(w) if w.leaving || w.gone => absent += 1,
                     Some(w) if w.offer.is_some() => back += 1,
                     Some(_) => {}
                 }
@@ -291,9 +291,6 @@ impl Job {
             _ => {}
         }
         self.workers[i].offer = offer;
-        if self.workers[i].gone {
-            self.recount_members(); // back after all: counted as back, no longer as absent
-        }
     }
 
     fn rank_of(&self, id: &WorkerId) -> Option<u32> {
@@ -510,7 +507,7 @@ impl Job {
             .members
             .iter()
             .filter_map(|m| self.pos(m))
-            .filter(|&i| !self.workers[i].leaving && !self.workers[i].gone_for_now())
+            .filter(|&i| !self.workers[i].leaving && !self.workers[i].gone)
             .collect();
         let arrived: Vec<usize> = old.iter().copied().filter(|&i| self.workers[i].offer.is_some()).collect();
         if arrived.len() < old.len() && now < rejoin_deadline {

@@ -7,16 +7,14 @@
 //! with depth. Prints one line per timed step and a summary line:
 //! `impl=hcmoco ... median_ms=... samples_per_s=...`.
 
-use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use hcmoco_data::KeypointLayout;
 use hcmoco_proto::config::{Dtype, ModelConfig, Norm};
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::{Batch, map_side};
-use crate::comm::{Communicator, CpuOptions, PeerInfo, connect_cpu_with};
+use crate::comm::{Communicator, CpuOptions, connect_cpu_alone};
 use crate::loss::MemoryBank;
 use crate::model::Model;
 use crate::train::{Banks, Objective, Trainer, Variant};
@@ -80,12 +78,7 @@ fn world_of_one(device: Device) -> anyhow::Result<Box<dyn Communicator>> {
             let id = crate::comm::nccl::nccl_unique_id()?;
             Box::new(crate::comm::nccl::connect_nccl(0, 1, 1, &id, index, timeout)?)
         }
-        _ => {
-            let listener = TcpListener::bind("127.0.0.1:0").context("bind a loopback listener")?;
-            let addr = listener.local_addr()?.to_string();
-            let peers = [PeerInfo { addr, host_id: "bench".into() }];
-            Box::new(connect_cpu_with(listener, 0, &peers, 1, &CpuOptions { timeout, ..CpuOptions::default() })?)
-        }
+        _ => Box::new(connect_cpu_alone(&CpuOptions { timeout, ..CpuOptions::default() })?),
     })
 }
 

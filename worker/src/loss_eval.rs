@@ -10,14 +10,13 @@
 //! optionally `has_kp` uint8 B (default: every sample has keypoints).
 //! Outputs: the eleven terms, `loss_total`, and `grad_<input>` for the six float inputs.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::batch::Batch;
-use crate::comm::{CommError, CpuCommunicator, CpuOptions, PeerInfo, connect_cpu_with};
+use crate::comm::{CpuOptions, connect_cpu_alone};
 use crate::loss::{TERMS, cell_features};
 use crate::objective::{Assembly, DenseForward, Forward};
 use crate::train::{Objective, StepError, Variant};
@@ -369,7 +368,9 @@ pub fn evaluate(inputs: &Inputs, tau: f64) -> Result<Vec<(String, Tensor)>, Loss
         depth_rows,
     };
     let objective = Objective { stage: 2, variant: Variant::InBatch, temperature: tau, negatives: 0, seed: 0 };
-    let mut comm = world_of_one()?;
+    // A world of one: the same ring code, with no neighbour.
+    let mut comm =
+        connect_cpu_alone(&CpuOptions::default()).map_err(|e| LossEvalError::Objective(StepError::Comm(e)))?;
     let mut comm_time = Duration::ZERO;
     let assembly = Assembly { objective: &objective, banks: None, joints: inputs.joints };
     let assembled = assembly.run(&mut comm, &fwd, &batch, None, &mut comm_time).map_err(LossEvalError::Objective)?;
@@ -404,16 +405,6 @@ pub fn evaluate(inputs: &Inputs, tau: f64) -> Result<Vec<(String, Tensor)>, Loss
         out.push((format!("grad_{name}"), g.detach().contiguous()));
     }
     Ok(out)
-}
-
-/// The communicator of a world of one: the same ring code, with no neighbour.
-fn world_of_one() -> Result<CpuCommunicator, LossEvalError> {
-    let comm_error = |e: CommError| LossEvalError::Objective(StepError::Comm(e));
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr().map(|a| (l, a.to_string())))
-        .map_err(|source| comm_error(CommError::Local { op: "bind a loopback listener", source }))?;
-    let peers = [PeerInfo { addr: listener.1, host_id: "loss-eval".into() }];
-    connect_cpu_with(listener.0, 0, &peers, 1, &CpuOptions::default()).map_err(comm_error)
 }
 
 /// Reads `input`, evaluates, writes `output`; returns the term values and the total, by name.

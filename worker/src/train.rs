@@ -557,7 +557,7 @@ impl Trainer {
 mod tests {
     use super::*;
     use crate::bench_step::{StepBenchSpec, synthetic_batch};
-    use crate::comm::{AbortHandle, CpuOptions, PeerInfo, ReduceOp, connect_cpu_with};
+    use crate::comm::{AbortHandle, CpuOptions, ReduceOp, connect_cpu_alone};
     use hcmoco_proto::config::{Dtype, ModelConfig, Norm};
 
     /// A world of one whose `fail_at`-th broadcast (counted from 1) fails, as a peer dying during the
@@ -603,11 +603,8 @@ mod tests {
     }
 
     fn world_of_one() -> Box<dyn Communicator> {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let peers = [PeerInfo { addr, host_id: "t".into() }];
         let opts = CpuOptions { timeout: Duration::from_secs(30), ..CpuOptions::default() };
-        Box::new(connect_cpu_with(listener, 0, &peers, 1, &opts).expect("world of one"))
+        Box::new(connect_cpu_alone(&opts).expect("world of one"))
     }
 
     /// Every tensor of the training state, copied: parameters, momentum, buffers, banks.

@@ -47,6 +47,15 @@ pub fn connect_cpu_with(
     TcpRing::connect_with(listener, rank, peers, generation, opts).map(CpuCommunicator::new)
 }
 
+/// A world of one: the same ring code with no neighbour, on a loopback listener of its own (a
+/// single-process step, `loss-eval`, benchmarks, tests).
+pub fn connect_cpu_alone(opts: &CpuOptions) -> Result<CpuCommunicator, CommError> {
+    let local = |source| CommError::Local { op: "bind a loopback listener", source };
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(local)?;
+    let addr = listener.local_addr().map_err(local)?.to_string();
+    connect_cpu_with(listener, 0, &[PeerInfo { addr, host_id: "alone".into() }], 1, opts)
+}
+
 impl CpuCommunicator {
     pub fn new(ring: TcpRing) -> Self {
         CpuCommunicator { ring }

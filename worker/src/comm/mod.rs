@@ -5,7 +5,7 @@
 //!   reduce-scatter, all-gather-cat, broadcast, barrier), `ReduceOp`, `AbortHandle`. Implementations
 //!   own their transport and tear it down on drop.
 //! - `cpu`: `CpuCommunicator`, the `Communicator` for CPU tensors over a `TcpRing`; `connect_cpu`,
-//!   `connect_cpu_with`.
+//!   `connect_cpu_with`, `connect_cpu_alone` (a world of one).
 //! - `options`: `PeerInfo` (address and host of a rank), `Transport`, `CpuOptions`.
 //! - `tcp`: `TcpRing`, one rank's ring (set-up and handshake, link transport negotiation, poisoning and
 //!   failure notices) and its collectives over host buffers.
@@ -47,7 +47,7 @@ mod tensor_mem;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use cpu::{CpuCommunicator, connect_cpu, connect_cpu_with};
+pub use cpu::{CpuCommunicator, connect_cpu, connect_cpu_alone, connect_cpu_with};
 pub use element::Element;
 pub use error::CommError;
 pub use options::{CpuOptions, DEFAULT_SEGMENT_BYTES, PeerInfo, Transport, UnknownTransport};
